@@ -1,0 +1,1 @@
+"""Evaluation and finetuning of pretrained encoders; imports `pretrain`, never the reverse."""

@@ -1,0 +1,64 @@
+"""`pretrain` / `python -m pretrain`: train an objective, or write shards.
+
+pretrain [--config FILE] [section.key=value ...]      train; prints one JSON summary line
+pretrain --resume RUN_DIR [section.key=value ...]     continue a run from its last checkpoint
+pretrain shards {imagefolder,captions,demo} ...       write WebDataset shards (see --help)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pretrain.config import ConfigError, load_config
+from pretrain.data import DataError
+from pretrain.distributed import LaunchError
+from pretrain.models.encoder import ModelError
+
+USER_ERRORS = (ConfigError, DataError, ModelError, LaunchError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["shards"]:
+        from pretrain.data.write import main as write_main
+
+        return write_main(argv[1:])
+
+    parser = argparse.ArgumentParser(
+        prog="pretrain",
+        description="Self-supervised pretraining of a timm encoder on WebDataset shards. "
+        "Use `pretrain shards --help` to write shards.",
+    )
+    parser.add_argument("--config", help="YAML file listing what differs from the defaults")
+    parser.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint"
+    )
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.resume:
+            run_config = Path(args.resume) / "config.yaml"
+            if not run_config.is_file():
+                raise ConfigError(f"--resume {args.resume}: not a run directory (no config.yaml)")
+            if args.config:
+                raise ConfigError("--resume uses the run's own config.yaml; drop --config")
+            config = load_config(run_config, args.overrides)
+        else:
+            config = load_config(args.config, args.overrides)
+        from pretrain.engine import train  # heavy imports only once the arguments are sound
+
+        summary = train(config, resume_dir=args.resume)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if summary.get("export"):  # only the main process exports and reports
+        print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+import json
+import subprocess
+
+import pytest
+import timm
+import torch
+from conftest import PYTHON, ROOT, free_port, python_env
+from safetensors.torch import load_file
+
+from pretrain.__main__ import main as pretrain_main
+from pretrain.checkpoint import list_checkpoints, load_checkpoint
+
+
+def run_cli(args, capsys):
+    code = pretrain_main(args)
+    captured = capsys.readouterr()
+    return code, captured.out.strip().splitlines(), captured.err.strip().splitlines()
+
+
+def test_cli_smoke_run_on_demo_data(tiny_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    code, out, _ = run_cli([*tiny_run, "logging.wandb=true", "train.run_name=smoke"], capsys)
+    assert code == 0
+    summary = json.loads(out[-1])
+    run_dir = tmp_path / "runs" / "smoke"
+    assert summary["objective"] == "mae" and summary["steps"] == 6
+    assert summary["run_dir"] == str(run_dir)
+    # Run directory: resolved config, metrics, pictures, checkpoints, export.
+    assert "train_shards" in (run_dir / "config.yaml").read_text()
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2, 4, 6]
+    assert all(m["loss"] > 0 and m["lr"] > 0 and m["img_per_s"] > 0 for m in metrics)
+    assert {"grad_norm", "skipped_samples", "epoch"} <= set(metrics[0])
+    assert sorted(p.name for p in (run_dir / "images").iterdir()) == [
+        "reconstruction_step0000003.png",
+        "reconstruction_step0000006.png",
+    ]
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step_0000003", "step_0000006"]
+    assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run missing"
+    # The export rebuilds with plain timm, strict.
+    card = json.loads((run_dir / "export" / "encoder.json").read_text())
+    encoder = timm.create_model(card["timm_name"], **card["timm_kwargs"])
+    encoder.load_state_dict(load_file(run_dir / "export" / "encoder.safetensors"), strict=True)
+    assert encoder(torch.randn(2, 3, 32, 32)).shape == (2, 64)
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_run, tmp_path, capsys):
+    accumulate = ["train.grad_accum=2", "data.num_workers=2"]
+    assert run_cli([*tiny_run, *accumulate, "train.run_name=straight"], capsys)[0] == 0
+    assert run_cli([*tiny_run, *accumulate, "train.run_name=broken"], capsys)[0] == 0
+    broken = tmp_path / "runs" / "broken"
+    # Simulate a crash right after the step-3 checkpoint: the later state never happened.
+    for later in list_checkpoints(broken)[1:]:
+        for path in later.iterdir():
+            path.unlink()
+        later.rmdir()
+    code, out, _ = run_cli(["--resume", str(broken)], capsys)
+    assert code == 0 and json.loads(out[-1])["steps"] == 6
+    straight_state = load_checkpoint(list_checkpoints(tmp_path / "runs" / "straight")[-1])
+    resumed_state = load_checkpoint(list_checkpoints(broken)[-1])
+    for name, tensor in straight_state[0].items():
+        assert torch.equal(tensor, resumed_state[0][name]), name
+    assert straight_state[2]["step"] == resumed_state[2]["step"] == 6
+
+
+def test_new_run_refuses_a_directory_with_checkpoints(tiny_run, capsys):
+    assert run_cli([*tiny_run, "train.steps=3", "train.run_name=twice"], capsys)[0] == 0
+    code, _, err = run_cli([*tiny_run, "train.steps=3", "train.run_name=twice"], capsys)
+    assert code == 2 and len(err) == 1 and "--resume" in err[0]
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("data.train_shards={tmp}/nowhere-{{000000..000003}}.tar", "nowhere-000000.tar"),
+        ("data.train_shards={tmp}/emptydir", "no shards"),
+        ("model.name=vit_nonexistent_model", "unknown timm model 'vit_nonexistent_model'"),
+        ("objective.name=byol", "unknown objective 'byol'"),
+    ],
+)
+def test_bad_input_fails_in_one_line_without_a_run_dir(
+    tiny_run, tmp_path, capsys, override, fragment
+):
+    (tmp_path / "emptydir").mkdir()
+    override = override.format(tmp=tmp_path)
+    code, out, err = run_cli([*tiny_run, override], capsys)
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.distributed
+def test_two_gloo_processes_train_identical_replicas(tiny_run, tmp_path):
+    """A real `accelerate launch` of 2 CPU processes: DDP keeps the replicas bit-identical."""
+    command = [
+        PYTHON, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--main_process_port", str(free_port()), "--mixed_precision", "no",
+        str(ROOT / "tests" / "two_rank_train.py"), str(tmp_path),
+        *tiny_run, "train.run_name=ddp", "train.steps=4",
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, env=python_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "params_rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "params_rank1.pt", weights_only=True)
+    for name, tensor in rank0.items():
+        assert torch.equal(tensor, rank1[name]), name
+    metrics = (tmp_path / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(metrics[-1])["step"] == 4
+    assert "2 process(es)" in result.stdout + result.stderr
