@@ -7,16 +7,17 @@ from finetune.linear import train_linear_probe
 from pretrain.__main__ import main as pretrain_main
 
 
-def separable_features(samples: int, classes: int = 4, dim: int = 16, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
+def separable_features(samples: int, classes: int = 4, dim: int = 16):
+    """Gaussian clusters around well-separated class centres: [N, dim] features, [N] labels."""
+    generator = torch.Generator().manual_seed(0)
     centres = torch.randn(classes, dim, generator=generator) * 4
     labels = torch.arange(samples) % classes
     return centres[labels] + torch.randn(samples, dim, generator=generator), labels
 
 
 def test_probe_separates_separable_features_and_not_shuffled_labels():
-    train_x, train_y = separable_features(400)
-    val_x, val_y = separable_features(200, seed=1)
+    features, labels = separable_features(600)
+    train_x, train_y, val_x, val_y = features[:400], labels[:400], features[400:], labels[400:]
     result = train_linear_probe(train_x, train_y, val_x, val_y, epochs=20, batch_size=64)
     assert result["top1"] > 0.97
     shuffled = train_y[torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0))]
