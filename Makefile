@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 # MAE pretraining on the embedded demo data, then a linear probe against a random-init encoder.
 demo: install
 	$(BIN)/pretrain --config configs/pretrain/demo_mae.yaml train.run_name=$(DEMO_RUN)
-	$(BIN)/finetune linear --encoder runs/$(DEMO_RUN) --compare-random-init
+	$(BIN)/finetune linear --encoder runs/$(DEMO_RUN) --compare-random-init --train-samples 5000 --epochs 50
 
 test: install
 	$(BIN)/python -m pytest -q

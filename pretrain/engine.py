@@ -308,9 +308,11 @@ def _open_run_dir(config: Config, accelerator, resume_dir) -> tuple[Path, str]:
             f"run directory {run_dir} already holds checkpoints: resume it with "
             f"--resume {run_dir} or pick another train.run_name"
         )
+    if run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / "run.json").is_file():
+        raise ConfigError(f"{run_dir} exists and is not a run directory; pick another run name")
     run_id = broadcast_from_main(accelerator, uuid.uuid4().hex[:12])
     if accelerator.is_main_process:
-        if run_dir.exists():  # an earlier start that died before its first checkpoint
+        if run_dir.exists():  # an earlier start of this run that died before its first checkpoint
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
         save_config(config, run_dir / "config.yaml")

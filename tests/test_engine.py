@@ -110,3 +110,12 @@ def test_two_gloo_processes_train_identical_replicas(tiny_run, tmp_path):
     metrics = (tmp_path / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(metrics[-1])["step"] == 4
     assert "2 process(es)" in result.stdout + result.stderr
+
+
+def test_an_unrelated_folder_is_never_taken_over(tiny_run, tmp_path, capsys):
+    precious = tmp_path / "runs" / "precious"
+    precious.mkdir(parents=True)
+    (precious / "notes.txt").write_text("keep me")
+    code, _, err = run_cli([*tiny_run, "train.run_name=precious"], capsys)
+    assert code == 2 and "is not a run directory" in err[0]
+    assert (precious / "notes.txt").read_text() == "keep me"
