@@ -27,7 +27,7 @@ class DataConfig:
     train_shards: str = ""
     val_shards: str = ""
     demo_dir: str = "data_cache/demo"
-    demo_train_samples: int = 10000
+    demo_train_samples: int = 20000
     demo_val_samples: int = 2000
     image_size: int = 32
     batch_size: int = 128  # per process; global batch = batch_size * processes * grad_accum
