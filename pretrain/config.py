@@ -68,8 +68,10 @@ class OptimizerConfig:
     blr: float = 1.5e-4
     lr: float | None = None
     weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
+    betas: tuple[float, float] = (0.9, 0.95)  # adamw
+    eps: float = 1e-8  # adamw
+    momentum: float = 0.9  # lars
+    trust_coefficient: float = 0.001  # lars: eta in the trust ratio eta * |w| / |g|
 
 
 @dataclass

@@ -1,8 +1,12 @@
 """One Accelerate training loop for every objective.
 
 The engine knows nothing objective-specific: it asks the registry for a module whose
-`forward(batch)` returns {"loss", ...scalars}, steps AdamW on a warmup + cosine schedule counted
-in optimizer steps, logs, checkpoints, and exports the objective's `encoder` at the end.
+`forward(batch)` returns {"loss", ...scalars}, steps the optimizer on a warmup + cosine schedule
+counted in optimizer steps, logs, checkpoints, and exports the objective's `encoder` at the end.
+
+Objectives that need several optimizer steps per batch (a GAN: discriminator, then generator)
+define `optimizer_phases() -> {phase: [parameters]}`; each phase gets its own optimizer and, every
+step, its own `forward(batch, phase=name)` + backward + step, in order. Nothing else changes.
 
 Determinism: every optimizer step reseeds torch from (seed, step, rank) and the data stream
 position is a function of (seed, epoch, step), so a resumed run continues exactly like an
@@ -35,6 +39,7 @@ from pretrain.distributed import (
     sum_across_processes,
 )
 from pretrain.objectives import get_objective
+from pretrain.optim import build_optimizer, no_weight_decay_names
 from pretrain.tracking import Tracker
 
 
@@ -45,32 +50,39 @@ def train(config: Config, resume_dir: str | Path | None = None, on_end=None) -> 
     with the unwrapped objective (for custom evaluation, or tests that compare replicas).
     """
     started = time.perf_counter()
-    accelerator = make_accelerator(
-        config.train.mixed_precision, "wandb" if config.logging.wandb else None
-    )
-    is_main, rank = accelerator.is_main_process, accelerator.process_index
-
     # Everything that can be wrong with the inputs fails here, before a run directory exists.
     entry = get_objective(config.objective.name)
-    _use_demo_data_if_unset(config, accelerator)
-    shards = expand_shards(config.data.train_shards, allow_pipe=config.data.allow_pipe)
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
     objective, spec = entry.build(config)
     sample_transform = entry.train_transform(config)
+    phases = optimizer_phases(objective)  # {phase: [(name, parameter)]}, in stepping order
+    phased = hasattr(objective, "optimizer_phases")
+    accelerator = make_accelerator(
+        config.train.mixed_precision,
+        "wandb" if config.logging.wandb else None,
+        find_unused_parameters=phased,  # a phase's backward reaches only part of the model
+    )
+    is_main, rank = accelerator.is_main_process, accelerator.process_index
+    _use_demo_data_if_unset(config, accelerator)
+    shards = expand_shards(config.data.train_shards, allow_pipe=config.data.allow_pipe)
 
     accum = config.train.grad_accum
     global_batch = config.data.batch_size * accelerator.num_processes * accum
     base_lr = config.optimizer.lr or config.optimizer.blr * global_batch / 256
-    optimizer = build_optimizer(objective, config, base_lr)
+    skip_decay = no_weight_decay_names(objective)
+    optimizers = [
+        build_optimizer(named, skip_decay, config.optimizer, base_lr) for named in phases.values()
+    ]
 
     run_dir, run_id = _open_run_dir(config, accelerator, resume_dir)
     checkpoint = latest_checkpoint(run_dir) if resume_dir is not None else None
-    model, optimizer = accelerator.prepare(objective, optimizer)
+    model, *optimizers = accelerator.prepare(objective, *optimizers)
     start_step, skipped_before = 0, 0
     if checkpoint is not None:
-        model_state, optimizer_state, state = load_checkpoint(checkpoint)
+        model_state, optimizer_states, state = load_checkpoint(checkpoint)
         accelerator.unwrap_model(model).load_state_dict(model_state)
-        optimizer.load_state_dict(optimizer_state)
+        for phase, optimizer in zip(phases, optimizers):
+            optimizer.load_state_dict(optimizer_states[phase])
         start_step = state["step"]
         skipped_before = state.get("skipped_samples", 0) if is_main else 0
 
@@ -98,21 +110,27 @@ def train(config: Config, resume_dir: str | Path | None = None, on_end=None) -> 
         lr = learning_rate(
             step, base_lr, config.schedule.warmup_steps, total_steps, config.schedule.min_lr
         )
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro_step in range(accum):
-            batch = _to_device(next(batches), accelerator.device)
-            # Gradients are all-reduced on the last micro-batch only.
-            last = micro_step == accum - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                outputs = model(batch)
-                accelerator.backward(outputs["loss"] / accum)
-            window.add(outputs, accum)
-        grad_norm = accelerator.clip_grad_norm_(
-            model.parameters(), config.train.clip_grad or float("inf")
-        )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        micro_batches = [_to_device(next(batches), accelerator.device) for _ in range(accum)]
+        grad_norms = {}
+        for (phase, named), optimizer in zip(phases.items(), optimizers):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for micro_step, batch in enumerate(micro_batches):
+                # Gradients are all-reduced on the last micro-batch only.
+                last = micro_step == accum - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                    outputs = model(batch, phase=phase) if phased else model(batch)
+                    accelerator.backward(outputs["loss"] / accum)
+                window.add(_phase_outputs(outputs, phase) if phased else outputs, accum)
+            grad_norms[f"grad_norm_{phase}" if phased else "grad_norm"] = (
+                accelerator.clip_grad_norm_(
+                    [parameter for _, parameter in named], config.train.clip_grad or float("inf")
+                )
+            )
+            optimizer.step()
+            # All gradients, not only this phase's: its backward may have reached other phases'
+            # parameters (a generator loss flows through the discriminator).
+            model.zero_grad(set_to_none=True)
         done = step + 1
         window.steps += 1
         progress.update(1)
@@ -127,7 +145,7 @@ def train(config: Config, resume_dir: str | Path | None = None, on_end=None) -> 
             last_metrics = {
                 **window.means(accelerator),
                 "lr": lr,
-                "grad_norm": float(grad_norm),
+                **{name: float(norm) for name, norm in grad_norms.items()},
                 "img_per_s": window.steps * global_batch / window.elapsed(),
                 "skipped_samples": skipped,
                 "epoch": stream.epoch,
@@ -146,7 +164,7 @@ def train(config: Config, resume_dir: str | Path | None = None, on_end=None) -> 
                     run_dir,
                     done,
                     accelerator.unwrap_model(model).state_dict(),
-                    optimizer.state_dict(),
+                    {phase: opt.state_dict() for phase, opt in zip(phases, optimizers)},
                     {"skipped_samples": last_metrics.get("skipped_samples", skipped_before)},
                     keep=config.train.keep_checkpoints,
                 )
@@ -184,29 +202,26 @@ def train(config: Config, resume_dir: str | Path | None = None, on_end=None) -> 
 # --- optimizer and schedule ---------------------------------------------------------------------
 
 
-def build_optimizer(model: torch.nn.Module, config: Config, lr: float) -> torch.optim.Optimizer:
-    """AdamW with weight decay on weight matrices only.
+def optimizer_phases(objective: torch.nn.Module) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
+    """{phase: [(name, parameter)]}: the objective's own phases, or one phase "main" with all
+    trainable parameters. A parameter may belong to one phase only."""
+    if not hasattr(objective, "optimizer_phases"):
+        return {"main": [(n, p) for n, p in objective.named_parameters() if p.requires_grad]}
+    names = {id(parameter): name for name, parameter in objective.named_parameters()}
+    phases, seen = {}, set()
+    for phase, parameters in objective.optimizer_phases().items():
+        phases[phase] = []
+        for parameter in parameters:
+            if id(parameter) in seen:
+                raise ValueError(f"parameter {names[id(parameter)]} is in two optimizer phases")
+            seen.add(id(parameter))
+            phases[phase].append((names[id(parameter)], parameter))
+    return phases
 
-    No decay on biases and norm parameters (1-D) nor on what a module lists in its
-    `no_weight_decay()` (timm's convention: position embeddings, cls/register tokens).
-    """
-    skip = set()
-    for prefix, module in model.named_modules():
-        if hasattr(module, "no_weight_decay"):
-            skip |= {f"{prefix}.{name}" if prefix else name for name in module.no_weight_decay()}
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        (no_decay if parameter.ndim <= 1 or name in skip else decay).append(parameter)
-    settings = config.optimizer
-    if settings.name != "adamw":
-        raise ConfigError(f"unknown optimizer.name '{settings.name}' (known: adamw)")
-    groups = [
-        {"params": decay, "weight_decay": settings.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr, betas=settings.betas, eps=settings.eps)
+
+def _phase_outputs(outputs: dict, phase: str) -> dict:
+    """A phase's `loss` is logged as loss_<phase>; `loss` becomes the sum over phases."""
+    return {**outputs, f"loss_{phase}": outputs["loss"]}
 
 
 def learning_rate(step: int, base_lr: float, warmup: int, total: int, min_lr: float) -> float:
