@@ -3,27 +3,38 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
 
 
 class LaunchError(RuntimeError):
     """The launcher and the process group disagree; one line for the user."""
 
 
-def make_accelerator(mixed_precision: str, log_with: str | None) -> Accelerator:
+def make_accelerator(
+    mixed_precision: str, log_with: str | None, find_unused_parameters: bool = False
+) -> Accelerator:
     """An Accelerator that really spans the launcher's processes, on GPU or CPU.
 
     Without CUDA a plain Accelerator() under a multi-process launcher quietly starts N separate
     single-process runs; cpu=True makes it build a gloo group instead. The world-size check
-    catches any other way of ending up there.
+    catches any other way of ending up there. `find_unused_parameters` is for models whose
+    backward passes reach only part of the parameters (objectives with optimizer phases).
     """
     has_cuda = torch.cuda.is_available()
     if mixed_precision == "auto":
         mixed_precision = "bf16" if has_cuda and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(cpu=not has_cuda, mixed_precision=mixed_precision, log_with=log_with)
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    accelerator = Accelerator(
+        cpu=not has_cuda,
+        mixed_precision=mixed_precision,
+        log_with=log_with,
+        kwargs_handlers=handlers if find_unused_parameters else None,
+    )
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != expected:
         raise LaunchError(
@@ -48,3 +59,42 @@ def mean_across_processes(accelerator: Accelerator, values: torch.Tensor) -> tor
 
 def sum_across_processes(accelerator: Accelerator, values: torch.Tensor) -> torch.Tensor:
     return accelerator.reduce(values, reduction="sum")
+
+
+def world_info() -> tuple[int, int]:
+    """(rank, world_size) of the default process group; (0, 1) when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """x: (B, ...) on every process -> (W*B, ...) concatenated in rank order, with gradient.
+
+    Contrastive losses score local rows against every process's rows, so each process's loss
+    depends on the others' features. The backward therefore SUMS the incoming gradients over
+    processes and hands each its own slice; DDP's gradient averaging then yields exactly the
+    single-process gradient. (A plain dist.all_gather has no gradient; a backward that only
+    keeps the local slice of the local gradient drops the other processes' terms.)
+    Every process must pass the same shape: checked with one small all_gather of the shapes.
+    """
+    _, world_size = world_info()
+    if world_size == 1:
+        return x
+    # Imported here: torch.distributed.nn also pulls in the RPC machinery, needed only now.
+    from torch.distributed.nn.functional import all_gather
+
+    shape = torch.tensor(x.shape, dtype=torch.long, device=x.device)  # (ndim,)
+    shapes = [torch.empty_like(shape) for _ in range(world_size)]
+    dist.all_gather(shapes, shape)
+    if not bool((torch.stack(shapes) == shape).all()):  # one host sync per call
+        listed = ", ".join(str(tuple(other.tolist())) for other in shapes)
+        raise ValueError(f"gather_with_grad needs the same shape on every process, got {listed}")
+    with warnings.catch_warnings():
+        # Deprecated in recent torch in favour of a private functional collective; this one has
+        # the summing backward on every backend (gloo included) and every supported torch.
+        warnings.filterwarnings(
+            "ignore", message=".*all_gather is deprecated", category=FutureWarning
+        )
+        pieces = all_gather(x.contiguous())  # W tensors of (B, ...), in rank order
+    return torch.cat(pieces)
