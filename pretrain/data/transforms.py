@@ -83,3 +83,92 @@ def eval_transform(
             ]
         )
     )
+
+
+def simclr_view_transform(
+    image_size: int,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    flip_p: float = 0.5,
+    color_jitter: Sequence[float] = (0.8, 0.8, 0.8, 0.2),
+    color_jitter_p: float = 0.8,
+    grayscale_p: float = 0.2,
+    blur_p: float | None = None,
+    blur_kernel_fraction: float = 0.1,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Callable:
+    """One SimCLR view (Chen et al., 2020, appendix A): PIL image -> [3, H, W] float.
+
+    blur_p None picks the paper's choice by image size: blur for ImageNet-sized images, none
+    for 32 px images (CIFAR), where a 3-pixel kernel only destroys what little detail there is.
+    """
+    if blur_p is None:
+        blur_p = 0.5 if image_size > 32 else 0.0
+    steps = [
+        T.RandomResizedCrop(image_size, scale=tuple(crop_scale)),
+        T.RandomHorizontalFlip(flip_p),
+        T.RandomApply([T.ColorJitter(*color_jitter)], p=color_jitter_p),
+        T.RandomGrayscale(grayscale_p),
+    ]
+    if blur_p > 0:
+        kernel = max(3, int(image_size * blur_kernel_fraction) // 2 * 2 + 1)  # odd
+        steps.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p))
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
+
+
+class TwoViews:
+    """SimCLR sample transform: two independent augmentations of the same image."""
+
+    def __init__(self, view_transform: Callable):
+        self.view_transform = view_transform
+
+    def __call__(self, sample: dict) -> dict:
+        out = {
+            "image": self.view_transform(sample["image"]),  # [3, H, W]
+            "image2": self.view_transform(sample["image"]),  # [3, H, W], another draw
+        }
+        if "label" in sample:
+            out["label"] = sample["label"]
+        return out
+
+
+class ImageText:
+    """CLIP sample transform: the image, and the caption as token ids [T] (int64).
+
+    Samples without a caption (plain ImageFolder shards) fail loudly rather than training on
+    empty text: shard them with a caption template (`pretrain shards imagefolder
+    --caption-template "a photo of a {}."`).
+    """
+
+    def __init__(self, image_transform: Callable, tokenizer: Callable):
+        self.image_transform = image_transform
+        self.tokenizer = tokenizer
+
+    def __call__(self, sample: dict) -> dict:
+        if "caption" not in sample:
+            raise ValueError(f"sample {sample.get('key')} has no caption (txt); CLIP needs one")
+        out = {
+            "image": self.image_transform(sample["image"]),  # [3, H, W]
+            "text": self.tokenizer([sample["caption"]])[0],  # [T] token ids, zero padded
+        }
+        if "label" in sample:
+            out["label"] = sample["label"]
+        return out
+
+
+def clip_image_transform(
+    image_size: int,
+    crop_scale: tuple[float, float] = (0.9, 1.0),
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Callable:
+    """Light random crops only (as in CLIP/open_clip training): the caption must stay true."""
+    return T.Compose(
+        [
+            T.RandomResizedCrop(
+                image_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC
+            ),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )

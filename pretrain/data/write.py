@@ -220,8 +220,12 @@ def write_imagefolder(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    caption_template: str | None = None,
 ) -> dict:
     """Shard an ImageFolder tree `root/<class>/**/<image>`; classes are the sorted folder names.
+
+    `caption_template` ("a photo of a {}.") also writes a `txt` caption per image from its class
+    name (underscores read as spaces), which turns a labelled folder into CLIP training data.
 
     Files are written in an order shuffled with `seed`, so each shard mixes classes. Keys are
     the relative paths without extension, dots replaced by `_` (`cat/img_01`). Files that are not
@@ -231,6 +235,10 @@ def write_imagefolder(
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
+    if caption_template is not None and "{}" not in caption_template:
+        raise DataError(
+            f"caption template must contain {{}} for the class name: {caption_template!r}"
+        )
     class_names = sorted(
         entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith(".")
     )
@@ -265,11 +273,14 @@ def write_imagefolder(
             except (OSError, ValueError, Image.DecompressionBombError):
                 unreadable.append(path)
                 continue
-            yield {
+            sample = {
                 "__key__": _unique_key(path.relative_to(root), taken_keys),
                 field: data,
                 "cls": label,
             }
+            if caption_template is not None:
+                sample["txt"] = caption_template.format(class_names[label].replace("_", " "))
+            yield sample
 
     index = write_shards(
         samples(),
@@ -429,6 +440,11 @@ def _parser() -> argparse.ArgumentParser:
     imagefolder.add_argument("src")
     imagefolder.add_argument("out")
     _add_shard_options(imagefolder)
+    imagefolder.add_argument(
+        "--caption-template",
+        default=None,
+        help='also write a caption per image from its class name, e.g. "a photo of a {}."',
+    )
 
     captions = commands.add_parser("captions", help="CSV/JSON image-caption list -> shards")
     captions.add_argument("list_file")
@@ -462,17 +478,19 @@ def main(argv: list[str] | None = None) -> int:
             summary = {split: index["num_samples"] for split, index in result.items()}
             print(f"wrote demo data to {args.out}: {summary}")
             return 0
-        writer = write_imagefolder if args.command == "imagefolder" else write_captions
-        source = args.src if args.command == "imagefolder" else args.list_file
-        index = writer(
-            source,
-            args.out,
+        options = dict(
             prefix=args.prefix,
             max_count=args.max_count,
             max_size=int(args.max_size_mb * (1 << 20)),
             seed=args.seed,
             overwrite=args.overwrite,
         )
+        if args.command == "imagefolder":
+            index = write_imagefolder(
+                args.src, args.out, caption_template=args.caption_template, **options
+            )
+        else:
+            index = write_captions(args.list_file, args.out, **options)
     except (DataError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,82 @@
+"""SimCLR (Chen et al., 2020): two augmentations of each image, pulled together against the
+rest of the GLOBAL batch with the NT-Xent loss.
+
+Shapes: B images on this process, N = B * processes in the global batch, F encoder features,
+D projection width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from pretrain.config import Config, ConfigError, SimCLRConfig
+from pretrain.data.transforms import TwoViews, simclr_view_transform
+from pretrain.distributed import gather_with_grad, world_info
+from pretrain.losses import nt_xent, retrieval_stats
+from pretrain.models.encoder import build_encoder
+from pretrain.models.projection import ProjectionHead
+
+NEGATIVES = ("global", "local")
+
+
+class SimCLR(nn.Module):
+    def __init__(self, encoder: nn.Module, settings: SimCLRConfig):
+        super().__init__()
+        if settings.negatives not in NEGATIVES:
+            known, given = ", ".join(NEGATIVES), settings.negatives
+            raise ConfigError(f"simclr.negatives must be one of {known}, got '{given}'")
+        if settings.temperature <= 0:
+            raise ConfigError(f"simclr.temperature must be positive, got {settings.temperature}")
+        self.encoder = encoder
+        self.projection = ProjectionHead(
+            encoder.num_features,
+            settings.projection_hidden_dim,
+            settings.projection_dim,
+            settings.projection_layers,
+        )
+        self.temperature = settings.temperature
+        self.global_negatives = settings.negatives == "global"
+
+    def forward(self, batch: dict) -> dict:
+        views = torch.cat([batch["image"], batch["image2"]])  # (2B, 3, H, W): one encoder pass
+        z1, z2 = self.projection(self.encoder(views)).chunk(2)  # (B, D) each
+        if self.global_negatives:
+            rank, _ = world_info()
+            z1_all, z2_all = gather_with_grad(z1), gather_with_grad(z2)  # (N, D), rank order
+            offset = rank * z1.shape[0]
+        else:
+            z1_all = z2_all = None
+            offset = 0
+        loss = nt_xent(z1, z2, self.temperature, z1_all, z2_all, offset)
+        stats = retrieval_stats(z1, z2, z2_all, offset)  # view 1 -> view 2 among N candidates
+        return {
+            "loss": loss,
+            "temperature": torch.tensor(self.temperature, device=loss.device),
+            "pos_sim": stats["pos_sim"],
+            "neg_sim": stats["neg_sim"],
+            "top1": stats["top1"],
+        }
+
+
+def build_simclr(config: Config):
+    encoder, spec = build_encoder(
+        config.model.name, config.data.image_size, config.model.patch_size, config.model.kwargs
+    )
+    return SimCLR(encoder, config.simclr), spec
+
+
+def simclr_train_transform(config: Config) -> TwoViews:
+    settings = config.simclr
+    return TwoViews(
+        simclr_view_transform(
+            config.data.image_size,
+            crop_scale=settings.crop_scale,
+            flip_p=settings.flip_p,
+            color_jitter=settings.color_jitter,
+            color_jitter_p=settings.color_jitter_p,
+            grayscale_p=settings.grayscale_p,
+            blur_p=settings.blur_p,
+            blur_kernel_fraction=settings.blur_kernel_fraction,
+        )
+    )
