@@ -1,43 +1,194 @@
-"""Load an exported encoder (or build a random-init twin of it) from a run or export directory."""
+"""Find an exported encoder and its pretraining run; build it frozen, random-init, or with a head.
+
+`--encoder` may name a run directory, its `export/` folder, or `encoder.json` itself. The export
+is a headless timm model (`num_classes=0`) whatever the objective was, so decoders and
+projection heads never come along.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+import yaml
 from safetensors.torch import load_file
 
 from pretrain.checkpoint import EXPORT
-from pretrain.models.encoder import EncoderSpec
+from pretrain.models.encoder import EncoderSpec, ModelError
 
 
 class EncoderNotFound(ValueError):
     """--encoder names nothing loadable; one line for the user."""
 
 
-def find_export(path: str | Path) -> Path:
-    """A run directory, its export/ folder, or encoder.json itself -> the encoder.json path."""
+@dataclass
+class EncoderSource:
+    """An encoder export and, when it can be found, the pretraining run it came from."""
+
+    card: dict  # encoder.json: timm_name, timm_kwargs, objective, steps, image_size, mean, std
+    card_path: Path
+    run_dir: Path | None = None
+    run_id: str | None = None  # the pretraining W&B run id (run.json): the group of our runs
+    run_config: dict = field(default_factory=dict)  # the run's config.yaml
+
+    @property
+    def name(self) -> str:
+        if self.run_dir:
+            return self.run_dir.name
+        folder = self.card_path.parent
+        return folder.parent.name if folder.name == EXPORT else folder.name
+
+    @property
+    def image_size(self) -> int:
+        return int(self.card.get("image_size") or self.card["timm_kwargs"].get("img_size", 224))
+
+    @property
+    def mean(self) -> tuple:
+        return tuple(self.card.get("mean", (0.485, 0.456, 0.406)))
+
+    @property
+    def std(self) -> tuple:
+        return tuple(self.card.get("std", (0.229, 0.224, 0.225)))
+
+    def create(self, random_init: bool, seed: int = 0, **overrides) -> nn.Module:
+        """The encoder (eval mode): exported weights, or a fresh seeded init of the same
+        architecture (the baseline that shows what pretraining bought). `overrides` change
+        timm arguments such as num_classes; then weights load except the new head."""
+        torch.manual_seed(seed)
+        kwargs = {**self.card["timm_kwargs"], **overrides}
+        model = EncoderSpec(self.card["timm_name"], kwargs).create()
+        if not random_init:
+            weights = load_file(str(self.card_path.with_name("encoder.safetensors")))
+            load_all_but_head(model, weights)
+        return model.eval()
+
+
+def locate_encoder(path: str | Path) -> EncoderSource:
     path = Path(path)
-    for candidate in (path, path / "encoder.json", path / EXPORT / "encoder.json"):
-        if candidate.is_file() and candidate.name == "encoder.json":
-            return candidate
-    raise EncoderNotFound(
-        f"no encoder export at {path} (expected {path / EXPORT / 'encoder.json'})"
+    card_path = next(
+        (
+            candidate
+            for candidate in (path, path / "encoder.json", path / EXPORT / "encoder.json")
+            if candidate.is_file() and candidate.name == "encoder.json"
+        ),
+        None,
     )
+    if card_path is None:
+        raise EncoderNotFound(
+            f"no encoder export at {path} (expected {path / EXPORT / 'encoder.json'})"
+        )
+    try:
+        card = json.loads(card_path.read_text())
+    except ValueError as error:
+        raise EncoderNotFound(f"unreadable encoder card {card_path}: {error}") from None
+    missing = [key for key in ("timm_name", "timm_kwargs") if key not in card]
+    if missing:
+        raise EncoderNotFound(f"encoder card {card_path} lacks {', '.join(missing)}")
+    source = EncoderSource(card=card, card_path=card_path)
+    run_dir = _find_run_dir(card_path, card)
+    if run_dir is not None:
+        source.run_dir = run_dir
+        source.run_config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        run_json = run_dir / "run.json"
+        if run_json.is_file():
+            source.run_id = json.loads(run_json.read_text()).get("run_id")
+    return source
 
 
-def load_encoder(path: str | Path, random_init: bool = False, seed: int = 0):
-    """Returns (encoder in eval mode, description dict from encoder.json).
+def _find_run_dir(card_path: Path, card: dict) -> Path | None:
+    """The folder above export/, else the card's own note of its run (if it still exists)."""
+    for candidate in (card_path.parent.parent, Path(card.get("run_dir") or "/nonexistent")):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    return None
 
-    random_init: the same architecture, freshly initialised (seeded), weights not loaded: the
-    baseline that shows what pretraining bought.
+
+def load_all_but_head(model: nn.Module, weights: dict) -> None:
+    """Strict loading, except that the classifier head (absent from a headless export) may be
+    missing: every other key must match."""
+    head_names = _head_parameter_names(model)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [name for name in missing if name not in head_names]
+    if missing or unexpected:
+        raise ModelError(
+            f"the export does not fit {type(model).__name__}: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
+
+
+def _head_parameter_names(model: nn.Module) -> set[str]:
+    if not hasattr(model, "get_classifier"):
+        return set()
+    head = model.get_classifier()
+    prefix = next((name for name, module in model.named_modules() if module is head), None)
+    if not prefix or not isinstance(head, nn.Module):
+        return set()
+    return {f"{prefix}.{name}" for name in head.state_dict()}
+
+
+def set_pooling(model: nn.Module, pool: str, num_classes: int = 0) -> None:
+    """Frozen features / classifier input: "avg" (mean of patch tokens) or "cls" (class token).
+
+    timm ViTs take global_pool "avg" or "token"; convolutional models pool by average only.
+    Resetting the classifier also makes a new head when num_classes > 0.
     """
-    card_path = find_export(path)
-    card = json.loads(card_path.read_text())
-    torch.manual_seed(seed)
-    encoder = EncoderSpec(card["timm_name"], card["timm_kwargs"]).create()
+    if pool == "cls":
+        if getattr(model, "cls_token", None) is None:
+            raise ModelError("this encoder has no class token; use data.pool=avg")
+        timm_pool = "token"
+    else:
+        timm_pool = "avg"
+    if isinstance(getattr(model, "global_pool", None), str):
+        model.reset_classifier(num_classes, global_pool=timm_pool)
+    elif num_classes:
+        model.reset_classifier(num_classes)
+
+
+def build_classifier(
+    source: EncoderSource, num_classes: int, pool: str, random_init: bool, seed: int = 0, **extra
+) -> tuple[nn.Module, dict]:
+    """The encoder with a new `num_classes` head on `pool`-pooled features, in train mode,
+    plus the timm kwargs that rebuild it. `extra`: more timm arguments (drop_path_rate).
+
+    The pooling goes into the timm arguments so the saved classifier rebuilds with plain
+    timm. Some models then add layers (a ViT with global_pool="avg" moves its final norm to
+    fc_norm); the first variant whose parameter names match the export's is taken, so the
+    pretrained weights load strictly.
+    """
+    headless = source.create(random_init=True, seed=seed)
+    if pool == "cls" and getattr(headless, "cls_token", None) is None:
+        raise ModelError("this encoder has no class token; use data.pool=avg")
+    wanted = set(headless.state_dict())
+    timm_pool = "token" if pool == "cls" else "avg"
+    for variant in ({"global_pool": timm_pool}, {"global_pool": timm_pool, "fc_norm": False}):
+        kwargs = {**source.card["timm_kwargs"], "num_classes": num_classes, **variant}
+        try:
+            model = source.create(random_init=True, seed=seed, **{**kwargs, **extra})
+        except ModelError:
+            continue
+        if set(model.state_dict()) - _head_parameter_names(model) == wanted:
+            break
+    else:
+        raise ModelError(f"cannot give {source.card['timm_name']} a head on {pool} pooling")
     if not random_init:
-        weights = load_file(str(card_path.with_name("encoder.safetensors")))
-        encoder.load_state_dict(weights, strict=True)
-    return encoder.eval(), card
+        weights = load_file(str(source.card_path.with_name("encoder.safetensors")))
+        load_all_but_head(model, weights)
+    head = model.get_classifier()
+    if isinstance(head, nn.Linear):  # MAE finetuning: a near-zero head leaves features intact
+        nn.init.trunc_normal_(head.weight, std=2e-5)
+        nn.init.zeros_(head.bias)
+    return model.train(), kwargs
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """sha256 over parameter and buffer names, dtypes, shapes and bytes (a feature cache key)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

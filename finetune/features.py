@@ -1,52 +1,224 @@
-"""One pass of a frozen encoder over shards -> cached (features [N, D], labels [N])."""
+"""One pass of a frozen encoder over shards -> features [N, D] lined up with labels [N].
+
+    shards --split by process (pretrain.data.eval_loader: each sample exactly once)--> per
+    process: images -> encode -> features [n_r, D], labels [n_r], keys, captions
+    --gather (variable n_r, no padding rows kept)--> every process: all N rows
+    --sort by sample key--> the same order on any number of processes
+    --cache on disk--> keyed by the encoder's weights, the shard files, pooling, image size,
+    sample limit
+
+Only the main process shows a progress bar and writes the cache.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
 import torch
+from accelerate import Accelerator
 from tqdm import tqdm
 
-from pretrain.data import eval_loader, expand_shards
-from pretrain.data.transforms import eval_transform
+from pretrain.data import DataError, count_samples, eval_loader
+from pretrain.distributed import broadcast_from_main, gather_objects, gather_rows
+
+logger = logging.getLogger(__name__)
+
+GATHER_ROWS = 16384  # rows per all-gather: bounds the device memory a gather needs
 
 
-def set_pooling(encoder: torch.nn.Module, pool: str | None) -> None:
-    """'avg' (mean of patch tokens) or 'token' (cls) for timm models that pool tokens."""
-    if pool and isinstance(getattr(encoder, "global_pool", None), str):
-        encoder.reset_classifier(0, global_pool=pool)
+class SampleTransform:
+    """Decoded sample -> {"image": [3, H, W], "label"?, "caption"?} for feature extraction.
+
+    A class, not a closure, so that it pickles into DataLoader workers.
+    """
+
+    def __init__(self, image_transform: Callable):
+        self.image_transform = image_transform
+
+    def __call__(self, sample: dict) -> dict:
+        out = {"image": self.image_transform(sample["image"])}
+        for name in ("label", "caption"):
+            if name in sample:
+                out[name] = sample[name]
+        return out
+
+
+@dataclass
+class FeatureSet:
+    features: torch.Tensor  # [N, D] float32, CPU
+    labels: torch.Tensor | None  # [N] int64; None when the shards carry no `cls`
+    keys: list[str]  # sample keys, sorted
+    captions: list[str] | None  # when the shards carry `txt`
+    skipped: int = 0  # unreadable samples and shard reads, over all processes
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def select(self, indices: torch.Tensor) -> FeatureSet:
+        rows = indices.tolist()
+        return FeatureSet(
+            self.features[indices],
+            None if self.labels is None else self.labels[indices],
+            [self.keys[row] for row in rows],
+            None if self.captions is None else [self.captions[row] for row in rows],
+            self.skipped,
+        )
+
+    def require_labels(self, what: str) -> torch.Tensor:
+        if self.labels is None:
+            raise DataError(f"the {what} shards carry no class labels (cls)")
+        return self.labels
+
+
+def shards_covering(urls: Sequence[str], samples: int) -> list[str]:
+    """The shortest prefix of `urls` holding at least `samples` samples (per the shard
+    indexes), or all of them when the counts are unknown."""
+    if samples <= 0 or count_samples(urls) is None:
+        return list(urls)
+    low, high = 1, len(urls)  # binary search over prefix lengths; counts are monotone
+    while low < high:
+        middle = (low + high) // 2
+        if count_samples(urls[:middle]) >= samples:
+            high = middle
+        else:
+            low = middle + 1
+    return list(urls[:low])
 
 
 @torch.no_grad()
 def extract_features(
-    encoder: torch.nn.Module,
-    shards: str,
-    image_size: int,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    urls: Sequence[str],
+    transform: Callable[[dict], dict],
+    accelerator: Accelerator,
     batch_size: int = 256,
     num_workers: int = 2,
+    max_samples: int = 0,
+    seed: int = 0,
     description: str = "features",
-    device: str | torch.device = "cpu",
-    max_samples: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features [N, D] and labels [N] of the shards, in shard order; the first `max_samples`
-    samples only when given (a cheaper probe on a large training split)."""
-    loader = eval_loader(
-        expand_shards(shards),
-        eval_transform(image_size),
-        batch_size=batch_size,
-        rank=0,
-        world_size=1,
-        num_workers=num_workers,
+) -> FeatureSet:
+    """encode: images [B, 3, H, W] on the accelerator's device -> features [B, D].
+
+    Every process reads its share of the shards and returns the full, key-sorted set.
+    max_samples > 0: a seeded random subset of that many samples, drawn from the first shards
+    that hold enough (identical on any process count).
+    """
+    urls = shards_covering(urls, max_samples)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    loader = eval_loader(urls, transform, batch_size, rank, world, num_workers)
+    features, labels, keys, captions = [], [], [], []
+    progress = tqdm(
+        total=count_samples(urls[rank::world]) if urls[rank::world] else 0,
+        desc=description,
+        unit="img",
+        disable=not accelerator.is_main_process,
+        file=sys.stderr,
+        leave=False,
     )
-    encoder = encoder.to(device).eval()
-    features, labels, seen = [], [], 0
-    for batch in tqdm(loader, desc=description, unit="batch", leave=False):
-        if "label" not in batch:
-            raise ValueError(f"the shards {shards} carry no class labels (cls) to probe with")
-        features.append(encoder(batch["image"].to(device)).float().cpu())  # [B, D]
-        labels.append(batch["label"])
-        seen += len(batch["label"])
-        if max_samples and seen >= max_samples:
-            break
-    if not features:
-        raise ValueError(f"no samples could be read from {shards}")
-    limit = max_samples or None
-    return torch.cat(features)[:limit], torch.cat(labels)[:limit]
+    for batch in loader:
+        with accelerator.autocast():
+            encoded = encode(batch["image"].to(accelerator.device, non_blocking=True))
+        features.append(encoded.float().cpu())  # [B, D]
+        if "label" in batch:
+            labels.append(batch["label"])
+        if "caption" in batch:
+            captions.extend(batch["caption"])
+        keys.extend(batch["key"])
+        progress.update(len(batch["key"]))
+    progress.close()
+    local = {
+        "count": len(keys),
+        "dim": features[0].shape[1] if features else None,
+        "labelled": len(labels) == len(features) and bool(features),
+        "captioned": len(captions) == len(keys) and bool(keys),
+        "keys": keys,
+        "captions": captions,
+        "skipped": loader.skipped,
+    }
+    everyone = gather_objects(accelerator, local)  # one dict per process, in rank order
+    with_samples = [part for part in everyone if part["count"]]
+    if not with_samples:
+        raise DataError(f"no readable samples in {urls[0]}" + (" ..." if len(urls) > 1 else ""))
+    dim = with_samples[0]["dim"]
+    labelled = all(part["labelled"] for part in with_samples)
+    captioned = all(part["captioned"] for part in with_samples)
+    counts = [part["count"] for part in everyone]
+
+    local_features = torch.cat(features) if features else torch.zeros(0, dim)
+    all_features = gather_rows(accelerator, local_features, counts, GATHER_ROWS)
+    all_labels = None
+    if labelled:
+        local_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
+        all_labels = gather_rows(accelerator, local_labels[:, None], counts, GATHER_ROWS)[:, 0]
+    all_keys = [key for part in everyone for key in part["keys"]]
+    all_captions = [text for part in everyone for text in part["captions"]] if captioned else None
+
+    order = sorted(range(len(all_keys)), key=all_keys.__getitem__)
+    if len(set(all_keys)) != len(all_keys):
+        logger.warning("duplicate sample keys: their relative order may vary between runs")
+    result = FeatureSet(
+        all_features,
+        all_labels,
+        all_keys,
+        all_captions,
+        skipped=sum(part["skipped"] for part in everyone),
+    ).select(torch.tensor(order, dtype=torch.int64))
+    if 0 < max_samples < len(result):
+        generator = torch.Generator().manual_seed(seed)
+        subset = torch.randperm(len(result), generator=generator)[:max_samples].sort().values
+        result = result.select(subset)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache
+
+
+def shard_fingerprint(urls: Sequence[str]) -> list:
+    """[url, size, mtime_ns] per local shard, [url] for remote ones: rewritten shards miss."""
+    described = []
+    for url in urls:
+        try:
+            stat = os.stat(url)
+            described.append([os.path.abspath(url), stat.st_size, stat.st_mtime_ns])
+        except OSError:
+            described.append([url])
+    return described
+
+
+def cached_features(
+    cache_dir: str | os.PathLike | None,
+    identity: dict,
+    accelerator: Accelerator,
+    extract: Callable[[], FeatureSet],
+) -> tuple[FeatureSet, bool]:
+    """Load the features that `identity` names from cache_dir, or extract and store them.
+
+    identity: everything the features depend on (weights fingerprint, shard fingerprint,
+    pooling, image size, sample limit, ...), JSON-serialisable. Returns (features, from_cache).
+    The main process decides hit or miss for everyone, so no process starts an extraction
+    (and its collectives) alone.
+    """
+    if cache_dir is None:
+        return extract(), False
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+    path = os.path.join(os.fspath(cache_dir), f"{digest}.pt")
+    hit = broadcast_from_main(accelerator, os.path.isfile(path))
+    if hit:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        return FeatureSet(**stored["features"]), True
+    result = extract()
+    if accelerator.is_main_process:
+        os.makedirs(cache_dir, exist_ok=True)
+        temporary = f"{path}.tmp-{os.getpid()}"
+        stored = {"identity": identity, "features": vars(result)}
+        torch.save(stored, temporary)
+        os.replace(temporary, path)  # a reader sees the whole file or none
+    accelerator.wait_for_everyone()
+    return result, False

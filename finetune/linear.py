@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from finetune.metrics import topk_accuracy
+
 
 class ParallelLinearHeads(nn.Module):
     def __init__(self, dim: int, classes: int, count: int):
@@ -24,12 +26,6 @@ class ParallelLinearHeads(nn.Module):
         return torch.stack([head(normed) for head in self.heads])  # [K, B, classes]
 
 
-def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
-    k = min(k, logits.shape[-1])
-    hits = (logits.topk(k, dim=-1).indices == labels[:, None]).any(dim=-1)
-    return hits.float().mean().item()
-
-
 def train_linear_probe(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -40,12 +36,20 @@ def train_linear_probe(
     batch_size: int = 256,
     weight_decay: float = 0.0,
     seed: int = 0,
-) -> dict:
-    """SGD (momentum 0.9, cosine schedule) on each head; returns the best head's top-1/top-5."""
+    num_classes: int | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[dict, torch.Tensor]:
+    """SGD (momentum 0.9, cosine schedule) on each head.
+
+    Returns the best head's metrics (top-1/top-5 on val, its lr, every head's results) and
+    its val logits [N_val, classes] (CPU).
+    """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    classes = int(max(train_labels.max(), val_labels.max())) + 1
-    probe = ParallelLinearHeads(train_features.shape[1], classes, len(learning_rates))
+    classes = num_classes or int(max(train_labels.max(), val_labels.max())) + 1
+    train_features, train_labels = train_features.to(device), train_labels.to(device)
+    val_features, val_labels = val_features.to(device), val_labels.to(device)
+    probe = ParallelLinearHeads(train_features.shape[1], classes, len(learning_rates)).to(device)
     optimizer = torch.optim.SGD(
         [{"params": head.parameters(), "lr": lr} for head, lr in zip(probe.heads, learning_rates)],
         momentum=0.9,
@@ -55,7 +59,7 @@ def train_linear_probe(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
     loss_fn = nn.CrossEntropyLoss()
     for _ in range(epochs):
-        order = torch.randperm(len(train_features), generator=generator)
+        order = torch.randperm(len(train_features), generator=generator).to(device)
         for index in order[: steps_per_epoch * batch_size].view(steps_per_epoch, -1):
             logits = probe(train_features[index])  # [K, B, classes]
             # Sum over heads: each head's gradient only comes from its own loss term.
@@ -75,12 +79,13 @@ def train_linear_probe(
         }
         for lr, logits in zip(learning_rates, val_logits)
     ]
-    best = max(per_head, key=lambda result: result["top1"])
-    return {
-        "top1": best["top1"],
-        "top5": best["top5"],
-        "best_lr": best["lr"],
+    best = max(range(len(per_head)), key=lambda head: per_head[head]["top1"])
+    metrics = {
+        "top1": per_head[best]["top1"],
+        "top5": per_head[best]["top5"],
+        "best_lr": per_head[best]["lr"],
         "per_lr": per_head,
         "train_samples": len(train_features),
         "val_samples": len(val_features),
     }
+    return metrics, val_logits[best].cpu()

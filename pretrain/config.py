@@ -62,8 +62,68 @@ class MAEConfig:
 
 
 @dataclass
+class SimCLRConfig:
+    temperature: float = 0.2
+    # Projection MLP: (layers - 1) x [Linear, BatchNorm, ReLU], then Linear without bias or ReLU.
+    projection_layers: int = 2
+    projection_hidden_dim: int = 512
+    projection_dim: int = 128
+    negatives: str = "global"  # global: the whole global batch (gathered); local: this process's
+    # Augmentation (SimCLR appendix A): crop, flip, colour jitter, grayscale, blur.
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    flip_p: float = 0.5
+    color_jitter: tuple[float, float, float, float] = (0.8, 0.8, 0.8, 0.2)  # b, c, s, hue
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    # None: 0.5 for images above 32 px, 0 at 32 px and below (the paper's CIFAR recipe)
+    blur_p: float | None = None
+    blur_kernel_fraction: float = 0.1  # Gaussian kernel side ~10% of the image, sigma 0.1-2
+
+
+@dataclass
+class CLIPConfig:
+    embed_dim: int = 256  # shared image-text embedding width
+    loss: str = "clip"  # clip: symmetric InfoNCE; siglip: pairwise sigmoid
+    negatives: str = "global"  # global or local (this process's batch only)
+    init_temperature: float = 0.07  # logit scale starts at ln(1/T); SigLIP starts at ln(10)
+    max_logit_scale: float = 100.0  # the scale is clamped to ln(100) as in CLIP
+    siglip_init_bias: float = -10.0
+    # Text tower: open_clip's TextTransformer with the CLIP BPE tokenizer (bundled, offline).
+    context_length: int = 32
+    text_width: int = 256
+    text_layers: int = 4
+    text_heads: int = 4
+    crop_scale: tuple[float, float] = (0.9, 1.0)  # light crops: the caption describes the image
+
+
+@dataclass
+class AutoencoderConfig:
+    latent_dim: int = 128  # bottleneck width: a linear map from the flattened encoder feature map
+    decoder_width: int = 64  # DCGAN decoder: channels before the RGB layer, x2 per stage toward 4x4
+
+
+@dataclass
+class VAEConfig:
+    latent_dim: int = 128
+    decoder_width: int = 64
+    beta: float = 1.0  # loss = per-image sum of squared errors + beta * KL(q(z|x) || N(0, I))
+    kl_warmup_steps: int = 1000  # optimizer steps over which beta rises linearly from 0
+    sample_grid: int = 8  # prior samples drawn as a sample_grid x sample_grid picture
+    traversal_dims: int = 8  # latent dimensions in the traversal picture (the most used ones)
+    traversal_range: float = 3.0  # each is swept over [-range, range]
+
+
+@dataclass
+class GANConfig:
+    noise_dim: int = 100
+    generator_width: int = 64  # channels before the RGB layer, x2 per stage toward 4x4
+    generator_loss: str = "non_saturating"  # or "minimax" (the original log(1 - D(G(z))))
+    sample_grid: int = 8  # fixed-noise samples drawn as a sample_grid x sample_grid picture
+
+
+@dataclass
 class OptimizerConfig:
-    name: str = "adamw"
+    name: str = "adamw"  # adamw or lars
     # lr = blr * global_batch / 256 unless `lr` is set explicitly.
     blr: float = 1.5e-4
     lr: float | None = None
@@ -91,6 +151,9 @@ class TrainConfig:
     run_name: str = ""  # empty: "<objective>-<timestamp>"
     checkpoint_every: int = 500  # optimizer steps; a checkpoint is also written at the end
     keep_checkpoints: int = 2
+    # A step whose loss or gradients are NaN/Inf on any rank is skipped; this many in a row stop
+    # the run (0: never stop).
+    max_nonfinite_steps: int = 20
 
 
 @dataclass
@@ -109,6 +172,11 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    clip: CLIPConfig = field(default_factory=CLIPConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -119,27 +187,45 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     """Defaults, then the YAML file at `path`, then `a.b=value` overrides (YAML-parsed values)."""
     config = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            first_line = str(error).splitlines()[0]
-            raise ConfigError(f"config file {path} is not valid YAML: {first_line}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
-        _merge(config, loaded, prefix="")
+        apply_file(config, path)
+    apply_overrides(config, overrides)
+    return config
+
+
+# The three layers below work on any nested dataclass config (finetune's as well as this one).
+
+
+def apply_file(config: Any, path: str | Path) -> None:
+    """Merge a YAML file of sections into the dataclass `config`, checking every key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        first_line = str(error).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML: {first_line}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    _merge(config, loaded, prefix="")
+
+
+def apply_value(config: Any, dotted_key: str, value: Any) -> None:
+    """Set one `section.key` (already a Python value), with the same checks as a file."""
+    _merge(config, _nest(dotted_key.strip().split("."), value), prefix="")
+
+
+def apply_overrides(config: Any, overrides: list[str] | tuple) -> None:
+    """`section.key=value` strings; values are parsed as YAML (`100`, `[0.9, 0.95]`, `{a: 1}`)."""
     for override in overrides:
         key, sep, raw_value = override.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {override!r} is not of the form section.key=value")
-        _merge(config, _nest(key.strip().split("."), _parse_scalar(raw_value)), prefix="")
-    return config
+        apply_value(config, key, _parse_scalar(raw_value))
 
 
-def to_dict(config: Config) -> dict:
-    """Plain nested dict (tuples as lists) for YAML, JSON and W&B."""
+def to_dict(config: Any) -> dict:
+    """Plain nested dict (tuples as lists) of a dataclass config, for YAML, JSON and W&B."""
     return _plain(dataclasses.asdict(config))
 
 

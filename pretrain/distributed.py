@@ -1,4 +1,4 @@
-"""Process-group facts and the few collectives the engine needs; nothing else calls collectives."""
+"""Process-group facts and the few collectives the toolkit needs; nothing else calls them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import warnings
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, gather_object
 
 
 class LaunchError(RuntimeError):
@@ -98,3 +98,35 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
         )
         pieces = all_gather(x.contiguous())  # W tensors of (B, ...), in rank order
     return torch.cat(pieces)
+
+
+def gather_objects(accelerator: Accelerator, value) -> list:
+    """Every process's picklable `value`, in rank order, on every process."""
+    if accelerator.num_processes == 1:
+        return [value]
+    return gather_object([value])
+
+
+def gather_rows(
+    accelerator: Accelerator, local: torch.Tensor, counts: list[int], block_rows: int = 16384
+) -> torch.Tensor:
+    """Every process's rows, concatenated in rank order, on every process, without padding.
+
+    local: [counts[rank], ...] -> [sum(counts), ...] on the CPU. An all-gather needs equal
+    shapes, so each round sends a zero-padded block of at most `block_rows` rows (bounding the
+    device memory one round needs) and the padding is cut away again: no padded row survives.
+    """
+    if accelerator.num_processes == 1:
+        return local
+    longest = max(counts)
+    pieces: list[list[torch.Tensor]] = [[] for _ in counts]
+    for start in range(0, longest, block_rows):
+        rows = min(block_rows, longest - start)
+        block = local.new_zeros((rows, *local.shape[1:]))
+        mine = local[start : start + rows]
+        block[: len(mine)] = mine
+        gathered = accelerator.gather(block.to(accelerator.device)).cpu()  # [world * rows, ...]
+        for rank, count in enumerate(counts):
+            valid = max(0, min(rows, count - start))
+            pieces[rank].append(gathered[rank * rows : rank * rows + valid])
+    return torch.cat([piece for rank_pieces in pieces for piece in rank_pieces])
