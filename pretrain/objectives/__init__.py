@@ -13,7 +13,12 @@ from dataclasses import dataclass
 
 from pretrain.config import Config, ConfigError
 from pretrain.data.transforms import mae_train_transform
+from pretrain.objectives.autoencoder import build_autoencoder, generative_train_transform
+from pretrain.objectives.clip import build_clip, clip_train_transform
+from pretrain.objectives.gan import build_gan
 from pretrain.objectives.mae import build_mae
+from pretrain.objectives.simclr import build_simclr, simclr_train_transform
+from pretrain.objectives.vae import build_vae
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,13 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
         build=build_mae,
         train_transform=lambda config: mae_train_transform(config.data.image_size),
     ),
+    "simclr": ObjectiveEntry(build=build_simclr, train_transform=simclr_train_transform),
+    "clip": ObjectiveEntry(build=build_clip, train_transform=clip_train_transform),
+    "autoencoder": ObjectiveEntry(
+        build=build_autoencoder, train_transform=generative_train_transform
+    ),
+    "vae": ObjectiveEntry(build=build_vae, train_transform=generative_train_transform),
+    "gan": ObjectiveEntry(build=build_gan, train_transform=generative_train_transform),
 }
 
 
