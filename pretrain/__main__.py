@@ -3,6 +3,12 @@
 pretrain [--config FILE] [section.key=value ...]      train; prints one JSON summary line
 pretrain --resume RUN_DIR [section.key=value ...]     continue a run from its last checkpoint
 pretrain shards {imagefolder,captions,demo} ...       write WebDataset shards (see --help)
+
+Rerunning a command with the same train.run_name continues that run from its latest checkpoint.
+
+Exit status: 0 done; 2 bad input (one line on stderr); 3 training diverged (NaN/Inf losses,
+one line); 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint: run the same command again
+to continue (75 is EX_TEMPFAIL, "try again later", which schedulers can requeue on).
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from pretrain.distributed import LaunchError
 from pretrain.models.encoder import ModelError
 
 USER_ERRORS = (ConfigError, DataError, ModelError, LaunchError)
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+EXIT_PREEMPTED = 75
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="pretrain",
         description="Self-supervised pretraining of a timm encoder on WebDataset shards. "
         "Use `pretrain shards --help` to write shards.",
+        epilog="The same command with the same train.run_name continues that run. Exit status: "
+        f"0 done, {EXIT_BAD_INPUT} bad input, {EXIT_DIVERGED} diverged (NaN/Inf losses), "
+        f"{EXIT_PREEMPTED} stopped by SIGTERM/SIGUSR1 after a checkpoint (run again).",
     )
     parser.add_argument("--config", help="YAML file listing what differs from the defaults")
     parser.add_argument(
@@ -38,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
+    # Heavy imports only once the arguments parse.
+    from pretrain.checkpoint import NonFiniteWeightsError
+    from pretrain.engine import NonFiniteLossError, train
 
     try:
         if args.resume:
@@ -49,12 +64,15 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(run_config, args.overrides)
         else:
             config = load_config(args.config, args.overrides)
-        from pretrain.engine import train  # heavy imports only once the arguments are sound
-
         summary = train(config, resume_dir=args.resume)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except (NonFiniteLossError, NonFiniteWeightsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_DIVERGED
+    if summary.get("stopped_by"):
+        return EXIT_PREEMPTED
     if summary.get("export"):  # only the main process exports and reports
         print(json.dumps(summary), flush=True)
     return 0

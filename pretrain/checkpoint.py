@@ -3,7 +3,12 @@
 A checkpoint is a folder `checkpoints/step_0000100/` holding `model.safetensors`,
 `optimizer.pt` (tensors and plain values only, loaded with weights_only=True) and `state.json`.
 It is written under a temporary name and renamed into place last, so a crash at any point leaves
-either the complete new folder or none, and the previous checkpoint stays loadable.
+either the complete new folder or none, and the previous checkpoint stays loadable. Old
+checkpoints are renamed out of the listing before they are deleted, so a crash while pruning
+never leaves a half-deleted folder that looks complete.
+
+Weights with NaN or Inf are never written: saving them raises NonFiniteWeightsError, and the last
+good checkpoint stays the latest.
 """
 
 from __future__ import annotations
@@ -19,33 +24,41 @@ from safetensors.torch import load_file, save_file
 CHECKPOINTS = "checkpoints"
 EXPORT = "export"
 _PREFIX = "step_"
-_PARTIAL = ".partial-"
+_PARTIAL = ".partial-"  # being written
+_DISCARDED = ".discarded-"  # being deleted
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """Refused to save weights holding NaN or Inf; the message names the first such tensor."""
 
 
 def save_checkpoint(
     run_dir: Path, step: int, model_state: dict, optimizer_state: dict, state: dict, keep: int
 ) -> Path:
+    """Write checkpoints/step_<step>/ atomically, then keep only the newest `keep` (0: all)."""
+    _check_finite(model_state)
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(root)  # of a save or prune that crashed
     final = root / f"{_PREFIX}{step:07d}"
     partial = root / f"{_PARTIAL}{final.name}"
-    shutil.rmtree(partial, ignore_errors=True)  # left by an earlier crash
     partial.mkdir()
     save_file(_contiguous(model_state), str(partial / "model.safetensors"))
     torch.save(optimizer_state, partial / "optimizer.pt")
     (partial / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
     _fsync_tree(partial)
-    if final.exists():  # the same step saved again (e.g. end of run right after a periodic save)
-        shutil.rmtree(final)
+    if final.exists():  # the same step saved again: move the old copy aside, then swap
+        _discard(final)
     os.replace(partial, final)
     _fsync_dir(root)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
+    _remove_leftovers(root)
     return final
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first; partial folders are never listed."""
+    """Complete checkpoints, oldest first; partial or discarded folders are never listed."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
@@ -61,6 +74,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
+    """(model state, optimizer state, state.json). Nothing in a checkpoint can run code: the
+    model is safetensors and the optimizer file is read with weights_only=True."""
     path = Path(path)
     model_state = load_file(str(path / "model.safetensors"))
     optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
@@ -75,6 +90,7 @@ def export_encoder(
 
     timm.create_model(timm_name, **timm_kwargs).load_state_dict(weights, strict=True) rebuilds it.
     """
+    _check_finite(encoder_state)
     root = Path(run_dir) / EXPORT
     root.mkdir(parents=True, exist_ok=True)
     weights, card = root / "encoder.safetensors", root / "encoder.json"
@@ -86,11 +102,31 @@ def export_encoder(
     return weights, card
 
 
+def _check_finite(state: dict) -> None:
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteWeightsError(f"refusing to save non-finite weights: {name} has NaN/Inf")
+
+
 def _contiguous(state: dict) -> dict:
     # safetensors refuses views that share storage; a detached contiguous copy per tensor is safe.
     return {
         name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in state.items()
     }
+
+
+def _discard(folder: Path) -> None:
+    """Take a checkpoint out of the listing in one rename, then delete it."""
+    doomed = folder.with_name(f"{_DISCARDED}{folder.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _remove_leftovers(root: Path) -> None:
+    for path in root.iterdir():
+        if path.name.startswith((_PARTIAL, _DISCARDED)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _fsync_tree(folder: Path) -> None:

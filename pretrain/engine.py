@@ -11,6 +11,14 @@ step, its own `forward(batch, phase=name)` + backward + step, in order. Nothing 
 Determinism: every optimizer step reseeds torch from (seed, step, rank) and the data stream
 position is a function of (seed, epoch, step), so a resumed run continues exactly like an
 uninterrupted one.
+
+Fault tolerance: SIGTERM or SIGUSR1 (preemption; Slurm's warning before the time limit) only
+raise a flag; at the next step boundary all ranks agree through one tiny all-reduce, write a
+checkpoint and stop (the CLI exits with EXIT_PREEMPTED). A run directory (train.run_name) that
+already holds checkpoints is continued from the latest one, so rerunning the same command
+resumes. A step whose loss or gradients are NaN/Inf on any rank is skipped on every rank and
+counted; train.max_nonfinite_steps of them in a row stop the run, and non-finite weights are
+never saved.
 """
 
 from __future__ import annotations
@@ -19,6 +27,9 @@ import contextlib
 import json
 import math
 import shutil
+import signal
+import sys
+import threading
 import time
 import uuid
 from datetime import datetime
@@ -26,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from tqdm import tqdm
 
 from pretrain.checkpoint import export_encoder, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -48,7 +60,13 @@ def train(config: Config, resume_dir: str | Path | None = None, on_end=None) -> 
 
     on_end(objective, accelerator), if given, is called on every process after the last step
     with the unwrapped objective (for custom evaluation, or tests that compare replicas).
+    A run stopped by SIGTERM/SIGUSR1 returns early, checkpointed, with "stopped_by" set.
     """
+    with StopSignals() as stop_signals:
+        return _train(config, resume_dir, on_end, stop_signals)
+
+
+def _train(config: Config, resume_dir, on_end, stop_signals: StopSignals) -> dict:
     started = time.perf_counter()
     # Everything that can be wrong with the inputs fails here, before a run directory exists.
     entry = get_objective(config.objective.name)
@@ -75,16 +93,17 @@ def train(config: Config, resume_dir: str | Path | None = None, on_end=None) -> 
     ]
 
     run_dir, run_id = _open_run_dir(config, accelerator, resume_dir)
-    checkpoint = latest_checkpoint(run_dir) if resume_dir is not None else None
+    checkpoint = latest_checkpoint(run_dir)  # None for a new run
     model, *optimizers = accelerator.prepare(objective, *optimizers)
-    start_step, skipped_before = 0, 0
+    start_step, skipped_before, nonfinite_steps = 0, 0, 0
     if checkpoint is not None:
         model_state, optimizer_states, state = load_checkpoint(checkpoint)
         accelerator.unwrap_model(model).load_state_dict(model_state)
         for phase, optimizer in zip(phases, optimizers):
             optimizer.load_state_dict(optimizer_states[phase])
         start_step = state["step"]
-        skipped_before = state.get("skipped_samples", 0) if is_main else 0
+        skipped_before = _own_count(state, rank, accelerator.num_processes)
+        nonfinite_steps = state.get("nonfinite_steps", 0)
 
     tracker = Tracker(accelerator, run_dir, config.logging, run_id, to_dict(config))
     if is_main:
@@ -104,6 +123,7 @@ def train(config: Config, resume_dir: str | Path | None = None, on_end=None) -> 
     )
     window = _Window(accelerator.device)
     last_metrics: dict = {}
+    nonfinite_in_a_row, stopped_by = 0, None
     model.train()
     for step in range(start_step, total_steps):
         torch.manual_seed(_step_seed(config.train.seed, step, rank))
@@ -112,42 +132,60 @@ def train(config: Config, resume_dir: str | Path | None = None, on_end=None) -> 
         )
         micro_batches = [_to_device(next(batches), accelerator.device) for _ in range(accum)]
         grad_norms = {}
+        step_is_finite = True
         for (phase, named), optimizer in zip(phases.items(), optimizers):
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            phase_loss = torch.zeros((), device=accelerator.device)
             for micro_step, batch in enumerate(micro_batches):
                 # Gradients are all-reduced on the last micro-batch only.
                 last = micro_step == accum - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(model):
                     outputs = model(batch, phase=phase) if phased else model(batch)
                     accelerator.backward(outputs["loss"] / accum)
+                phase_loss += outputs["loss"].detach().float()
                 window.add(_phase_outputs(outputs, phase) if phased else outputs, accum)
-            grad_norms[f"grad_norm_{phase}" if phased else "grad_norm"] = (
-                accelerator.clip_grad_norm_(
-                    [parameter for _, parameter in named], config.train.clip_grad or float("inf")
-                )
+            grad_norm = accelerator.clip_grad_norm_(
+                [parameter for _, parameter in named], config.train.clip_grad or float("inf")
             )
-            optimizer.step()
+            grad_norms[f"grad_norm_{phase}" if phased else "grad_norm"] = grad_norm
+            # A NaN/Inf loss or gradient on any rank skips this update on every rank. fp16's
+            # GradScaler skips such steps itself and must see step() to lower its scale.
+            finite = _finite_on_every_rank(accelerator, phase_loss, grad_norm)
+            step_is_finite = step_is_finite and finite
+            if finite or accelerator.scaler is not None:
+                optimizer.step()
             # All gradients, not only this phase's: its backward may have reached other phases'
             # parameters (a generator loss flows through the discriminator).
             model.zero_grad(set_to_none=True)
         done = step + 1
         window.steps += 1
         progress.update(1)
+        nonfinite_in_a_row = 0 if step_is_finite else nonfinite_in_a_row + 1
+        if not step_is_finite:
+            nonfinite_steps += 1
+            if is_main:
+                print(f"step {done}: NaN/Inf loss or gradients, update skipped", file=sys.stderr)
+        if config.train.max_nonfinite_steps and (
+            nonfinite_in_a_row >= config.train.max_nonfinite_steps
+        ):
+            raise NonFiniteLossError(
+                f"{nonfinite_in_a_row} steps in a row had NaN/Inf losses or gradients (steps "
+                f"{done - nonfinite_in_a_row + 1}-{done}, none applied): lower the learning rate, "
+                "set train.clip_grad, or check the data"
+            )
+        if done < total_steps:
+            stopped_by = _stop_signal_on_any_rank(accelerator, stop_signals)
 
         if done % config.logging.log_every == 0 or done == total_steps:
-            skipped = int(
-                sum_across_processes(
-                    accelerator,
-                    torch.tensor([stream.skipped + skipped_before], device=accelerator.device),
-                ).item()
-            )
+            skipped = sum(_per_rank(accelerator, stream.skipped + skipped_before))
             last_metrics = {
                 **window.means(accelerator),
                 "lr": lr,
                 **{name: float(norm) for name, norm in grad_norms.items()},
                 "img_per_s": window.steps * global_batch / window.elapsed(),
                 "skipped_samples": skipped,
+                "nonfinite_steps": nonfinite_steps,
                 "epoch": stream.epoch,
             }
             tracker.log(last_metrics, step=done)
@@ -158,18 +196,37 @@ def train(config: Config, resume_dir: str | Path | None = None, on_end=None) -> 
         if is_main and image_every and (done % image_every == 0 or done == total_steps):
             _log_pictures(accelerator.unwrap_model(model), batch, tracker, done)
 
-        if done % config.train.checkpoint_every == 0 or done == total_steps:
+        if done % config.train.checkpoint_every == 0 or done == total_steps or stopped_by:
+            skipped_per_rank = _per_rank(accelerator, stream.skipped + skipped_before)
             if is_main:
                 save_checkpoint(
                     run_dir,
                     done,
                     accelerator.unwrap_model(model).state_dict(),
                     {phase: opt.state_dict() for phase, opt in zip(phases, optimizers)},
-                    {"skipped_samples": last_metrics.get("skipped_samples", skipped_before)},
+                    {
+                        "skipped_samples": sum(skipped_per_rank),
+                        "skipped_samples_per_rank": skipped_per_rank,
+                        "nonfinite_steps": nonfinite_steps,
+                    },
                     keep=config.train.keep_checkpoints,
                 )
             accelerator.wait_for_everyone()
+        if stopped_by:
+            break
     progress.close()
+    if stopped_by:
+        tracker.finish()
+        if is_main:
+            print(
+                f"stopped by {stopped_by} after step {done} (checkpoint written); run the same "
+                "command again to continue",
+                file=sys.stderr,
+                flush=True,
+            )
+        accelerator.wait_for_everyone()
+        return {"objective": config.objective.name, "steps": done, "stopped_by": stopped_by}
+    skipped_per_rank = _per_rank(accelerator, stream.skipped + skipped_before)
     if on_end is not None:
         on_end(accelerator.unwrap_model(model), accelerator)
 
@@ -177,7 +234,9 @@ def train(config: Config, resume_dir: str | Path | None = None, on_end=None) -> 
         "objective": config.objective.name,
         "steps": total_steps,
         "final_loss": last_metrics.get("loss"),
-        "skipped_samples": last_metrics.get("skipped_samples", skipped_before),
+        "skipped_samples": sum(skipped_per_rank),
+        "skipped_samples_per_rank": skipped_per_rank,
+        "nonfinite_steps": nonfinite_steps,
         "run_dir": str(run_dir),
     }
     if is_main:
@@ -270,12 +329,13 @@ class TrainingStream:
                 start_step=offset,
                 allow_pipe=data.allow_pipe,
             )
-            produced = 0
-            for batch in self._loader:
-                produced += 1
-                yield batch
-            if produced == 0:
+            batches = iter(self._loader)
+            with stop_signals_blocked():  # the loader's worker processes start here
+                first = next(batches, None)
+            if first is None:
                 raise RuntimeError("the training shards yielded no readable samples")
+            yield first
+            yield from batches
             self._skipped_in_past_epochs += self._loader.skipped
             self.epoch, offset = self.epoch + 1, 0
 
@@ -305,6 +365,81 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
+def _per_rank(accelerator, count: int) -> list[int]:
+    """Every rank's `count` (e.g. skipped samples), on every rank: a summed one-hot vector."""
+    counts = torch.zeros(accelerator.num_processes, dtype=torch.int64, device=accelerator.device)
+    counts[accelerator.process_index] = count
+    return sum_across_processes(accelerator, counts).tolist()
+
+
+def _own_count(state: dict, rank: int, world: int) -> int:
+    """This rank's skipped-sample count from a checkpoint; all on rank 0 if the world changed."""
+    per_rank = state.get("skipped_samples_per_rank")
+    if per_rank is not None and len(per_rank) == world:
+        return per_rank[rank]
+    return state.get("skipped_samples", 0) if rank == 0 else 0
+
+
+# --- stopping early: signals, non-finite steps ---------------------------------------------------
+
+
+class NonFiniteLossError(RuntimeError):
+    """train.max_nonfinite_steps steps in a row had NaN/Inf losses or gradients (one line)."""
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 only note that a stop was asked for; the loop stops at the next step
+    boundary. Installed from the main thread only, the previous handlers restored on exit.
+    The loader's worker processes ignore both (see stop_signals_blocked)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for number in self.SIGNALS:
+                self._previous[number] = signal.signal(number, self._note)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _note(self, number, frame) -> None:
+        self.received = signal.Signals(number).name
+
+
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """SIGTERM and SIGUSR1 wait while this block runs (and are handled after it); processes
+    forked meanwhile (DataLoader workers) keep them blocked for life. Launchers and Slurm signal
+    every process of a job, and torch's loader workers die of SIGTERM, which would crash the
+    training process instead of letting it checkpoint and stop. SIGKILL still ends a worker."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, StopSignals.SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _stop_signal_on_any_rank(accelerator, stop_signals: StopSignals) -> str | None:
+    """The same answer on every rank: None, or the stop signal (if any rank got one)."""
+    flag = torch.tensor([int(stop_signals.received is not None)], device=accelerator.device)
+    if sum_across_processes(accelerator, flag).item() == 0:
+        return None
+    return stop_signals.received or "a signal to another rank"
+
+
+def _finite_on_every_rank(accelerator, *values) -> bool:
+    """Whether every rank's values are all finite: one tiny all-reduce, and the host waits."""
+    checks = [torch.isfinite(torch.as_tensor(v, device=accelerator.device)).all() for v in values]
+    nonfinite = (~torch.stack(checks).all()).to(torch.int64).reshape(1)
+    return sum_across_processes(accelerator, nonfinite).item() == 0
+
+
 # --- run directory, logging ----------------------------------------------------------------------
 
 
@@ -318,11 +453,19 @@ def _open_run_dir(config: Config, accelerator, resume_dir) -> tuple[Path, str]:
         accelerator, f"{config.objective.name}-{datetime.now():%Y%m%d-%H%M%S}"
     )
     run_dir = Path(config.train.output_dir) / name
-    if latest_checkpoint(run_dir) is not None:
-        raise ConfigError(
-            f"run directory {run_dir} already holds checkpoints: resume it with "
-            f"--resume {run_dir} or pick another train.run_name"
-        )
+    if latest_checkpoint(run_dir) is not None:  # the same command again: continue that run
+        changed = _changed_settings(config, run_dir)
+        if changed:
+            raise ConfigError(
+                f"run directory {run_dir} holds checkpoints of a run with other settings "
+                f"({', '.join(changed)}): rerun the same command to continue it, or pick "
+                "another train.run_name"
+            )
+        accelerator.wait_for_everyone()  # every rank has read the old config.yaml
+        if accelerator.is_main_process:
+            save_config(config, run_dir / "config.yaml")  # e.g. a longer train.steps
+        run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
+        return run_dir, run_id
     if run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / "run.json").is_file():
         raise ConfigError(f"{run_dir} exists and is not a run directory; pick another run name")
     run_id = broadcast_from_main(accelerator, uuid.uuid4().hex[:12])
@@ -334,6 +477,33 @@ def _open_run_dir(config: Config, accelerator, resume_dir) -> tuple[Path, str]:
         (run_dir / "run.json").write_text(json.dumps({"run_id": run_id}))
     accelerator.wait_for_everyone()
     return run_dir, run_id
+
+
+# What a continued run may change: how long it runs, how often it saves, what it logs.
+_CHANGEABLE_ON_RESUME = (
+    "train.steps",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.max_nonfinite_steps",
+    "logging.",
+)
+
+
+def _changed_settings(config: Config, run_dir: Path) -> list[str]:
+    """Keys whose values differ from the run directory's config.yaml, apart from the changeable
+    ones; keys that the saved config lacks (added to the code since) are not compared."""
+    saved_file = run_dir / "config.yaml"
+    saved = yaml.safe_load(saved_file.read_text()) if saved_file.is_file() else {}
+    changed = []
+    for section, values in to_dict(config).items():
+        for key, value in values.items():
+            dotted = f"{section}.{key}"
+            before = (saved or {}).get(section) or {}
+            if dotted.startswith(_CHANGEABLE_ON_RESUME) or key not in before:
+                continue
+            if before[key] != value:
+                changed.append(dotted)
+    return changed
 
 
 class _Window:

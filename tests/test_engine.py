@@ -63,10 +63,16 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_run, tmp_path, 
     assert straight_state[2]["step"] == resumed_state[2]["step"] == 6
 
 
-def test_new_run_refuses_a_directory_with_checkpoints(tiny_run, capsys):
+def test_the_same_command_again_continues_the_run_other_settings_refused(tiny_run, capsys):
     assert run_cli([*tiny_run, "train.steps=3", "train.run_name=twice"], capsys)[0] == 0
-    code, _, err = run_cli([*tiny_run, "train.steps=3", "train.run_name=twice"], capsys)
-    assert code == 2 and len(err) == 1 and "--resume" in err[0]
+    # Same command, longer: continues from the step-3 checkpoint instead of starting over.
+    code, out, _ = run_cli([*tiny_run, "train.steps=5", "train.run_name=twice"], capsys)
+    assert code == 0 and json.loads(out[-1])["steps"] == 5
+    assert any("resumed at step 3" in line for line in out)
+    # Other model settings under the same run name: refused in one line naming the key.
+    changed = [*tiny_run, "train.steps=5", "train.run_name=twice", "mae.decoder_dim=16"]
+    code, _, err = run_cli(changed, capsys)
+    assert code == 2 and len(err) == 1 and "mae.decoder_dim" in err[0], err
 
 
 @pytest.mark.parametrize(
