@@ -154,6 +154,10 @@ class TrainConfig:
     # A step whose loss or gradients are NaN/Inf on any rank is skipped; this many in a row stop
     # the run (0: never stop).
     max_nonfinite_steps: int = 20
+    # Wall-clock budget of one invocation, in minutes (null: none). When it runs out the run ends
+    # as if train.steps were reached: final checkpoint, export, summary. Fixed-budget
+    # comparisons and cluster time limits; the lr schedule still spans train.steps.
+    time_limit_minutes: float | None = None
 
 
 @dataclass

@@ -125,10 +125,11 @@ def _train(config: Config, resume_dir, on_end, stop_signals: StopSignals) -> dic
     last_metrics: dict = {}
     nonfinite_in_a_row, stopped_by = 0, None
     model.train()
-    for step in range(start_step, total_steps):
+    time_limit_s = (config.train.time_limit_minutes or 0) * 60
+    for step in range(start_step, config.train.steps):
         torch.manual_seed(_step_seed(config.train.seed, step, rank))
         lr = learning_rate(
-            step, base_lr, config.schedule.warmup_steps, total_steps, config.schedule.min_lr
+            step, base_lr, config.schedule.warmup_steps, config.train.steps, config.schedule.min_lr
         )
         micro_batches = [_to_device(next(batches), accelerator.device) for _ in range(accum)]
         grad_norms = {}
@@ -175,7 +176,10 @@ def _train(config: Config, resume_dir, on_end, stop_signals: StopSignals) -> dic
                 "set train.clip_grad, or check the data"
             )
         if done < total_steps:
-            stopped_by = _stop_signal_on_any_rank(accelerator, stop_signals)
+            out_of_time = bool(time_limit_s) and time.perf_counter() - started > time_limit_s
+            stopped_by, out_of_time = _stop_on_any_rank(accelerator, stop_signals, out_of_time)
+            if out_of_time:  # end here like a finished run: log, checkpoint, export
+                total_steps = done
 
         if done % config.logging.log_every == 0 or done == total_steps:
             skipped = sum(_per_rank(accelerator, stream.skipped + skipped_before))
@@ -212,7 +216,7 @@ def _train(config: Config, resume_dir, on_end, stop_signals: StopSignals) -> dic
                     keep=config.train.keep_checkpoints,
                 )
             accelerator.wait_for_everyone()
-        if stopped_by:
+        if stopped_by or done == total_steps:
             break
     progress.close()
     if stopped_by:
@@ -237,6 +241,7 @@ def _train(config: Config, resume_dir, on_end, stop_signals: StopSignals) -> dic
         "skipped_samples": sum(skipped_per_rank),
         "skipped_samples_per_rank": skipped_per_rank,
         "nonfinite_steps": nonfinite_steps,
+        "time_limit_reached": total_steps < config.train.steps,
         "run_dir": str(run_dir),
     }
     if is_main:
@@ -425,12 +430,19 @@ def stop_signals_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _stop_signal_on_any_rank(accelerator, stop_signals: StopSignals) -> str | None:
-    """The same answer on every rank: None, or the stop signal (if any rank got one)."""
-    flag = torch.tensor([int(stop_signals.received is not None)], device=accelerator.device)
-    if sum_across_processes(accelerator, flag).item() == 0:
-        return None
-    return stop_signals.received or "a signal to another rank"
+def _stop_on_any_rank(
+    accelerator, stop_signals: StopSignals, out_of_time: bool
+) -> tuple[str | None, bool]:
+    """The same answer on every rank, from one tiny all-reduce: (the stop signal if any rank
+    got one, else None; whether the main process's clock says the time limit is reached)."""
+    flags = torch.tensor(
+        [int(stop_signals.received is not None), int(out_of_time and accelerator.is_main_process)],
+        device=accelerator.device,
+    )
+    signalled, timed_out = sum_across_processes(accelerator, flags).tolist()
+    if signalled:
+        return stop_signals.received or "a signal to another rank", False
+    return None, timed_out > 0
 
 
 def _finite_on_every_rank(accelerator, *values) -> bool:
@@ -485,6 +497,7 @@ _CHANGEABLE_ON_RESUME = (
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.max_nonfinite_steps",
+    "train.time_limit_minutes",
     "logging.",
 )
 

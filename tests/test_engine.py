@@ -125,3 +125,19 @@ def test_an_unrelated_folder_is_never_taken_over(tiny_run, tmp_path, capsys):
     code, _, err = run_cli([*tiny_run, "train.run_name=precious"], capsys)
     assert code == 2 and "is not a run directory" in err[0]
     assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_time_limit_ends_the_run_like_a_finished_one(tiny_run, tmp_path, capsys):
+    # A budget far below one step: the run stops after its first step, then checkpoints and
+    # exports as if train.steps had been reached.
+    overrides = [*tiny_run, "train.run_name=budget", "train.time_limit_minutes=1e-6"]
+    code, out, _ = run_cli(overrides, capsys)
+    assert code == 0
+    summary = json.loads(out[-1])
+    assert summary["steps"] == 1 and summary["time_limit_reached"] is True
+    run_dir = tmp_path / "runs" / "budget"
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step_0000001"]
+    assert (run_dir / "export" / "encoder.safetensors").is_file()
+    # The same command again continues toward train.steps (the budget applies per invocation).
+    code, out, _ = run_cli([*tiny_run, "train.run_name=budget"], capsys)
+    assert code == 0 and json.loads(out[-1])["steps"] == 6
