@@ -72,6 +72,8 @@ def _train(config: Config, resume_dir, on_end, stop_signals: StopSignals) -> dic
     entry = get_objective(config.objective.name)
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
     objective, spec = entry.build(config)
+    if config.model.grad_checkpointing:
+        objective.encoder.set_grad_checkpointing(True)
     sample_transform = entry.train_transform(config)
     phases = optimizer_phases(objective)  # {phase: [(name, parameter)]}, in stepping order
     phased = hasattr(objective, "optimizer_phases")

@@ -95,3 +95,31 @@ def test_encoder_state_loads_strictly_into_timm(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(rebuilt(x), model.encoder.eval()(x))
     assert rebuilt(x).shape == (2, 64)  # num_classes=0: pooled features
+
+
+def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_gradients():
+    model, _ = tiny_mae()
+    images = torch.randn(4, 3, 32, 32)
+
+    def gradients_and_block_calls():
+        calls = []
+        block = model.encoder.blocks[0]
+        forward = block.forward
+
+        def counted(*args, **kwargs):  # (a forward hook would not see the recomputation)
+            calls.append(1)
+            return forward(*args, **kwargs)
+
+        block.forward = counted
+        torch.manual_seed(1)  # the same masks in both passes
+        model.zero_grad()
+        model({"image": images})["loss"].backward()
+        del block.forward
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, calls
+
+    plain, plain_calls = gradients_and_block_calls()
+    model.encoder.set_grad_checkpointing(True)
+    checkpointed, checkpointed_calls = gradients_and_block_calls()
+    assert len(plain_calls) == 1 and len(checkpointed_calls) == 2  # forward, then recomputed
+    for name, grad in plain.items():
+        assert torch.allclose(grad, checkpointed[name], atol=1e-6), name

@@ -518,6 +518,8 @@ class ShardLoader:
             num_workers=num_workers,
             worker_init_fn=functools.partial(_seed_worker, seed),
             generator=generator,
+            # page-locked batches make the engine's non_blocking copies to the GPU asynchronous
+            pin_memory=torch.cuda.is_available(),
         )
         self.num_batches = num_batches
         self._skipped_in_past_passes = 0

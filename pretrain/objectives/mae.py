@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from einops import rearrange
+from timm.models import checkpoint_seq
 
 from pretrain.config import Config, MAEConfig
 from pretrain.models.encoder import ModelError, build_encoder
@@ -89,7 +90,10 @@ class MAE(nn.Module):
         if prefix is not None:
             visible = torch.cat([prefix, visible], dim=1)
         x = encoder.norm_pre(visible)
-        x = encoder.blocks(x)
+        if getattr(encoder, "grad_checkpointing", False) and torch.is_grad_enabled():
+            x = checkpoint_seq(encoder.blocks, x)  # recompute block activations in backward
+        else:
+            x = encoder.blocks(x)
         return encoder.norm(x), mask, ids_restore
 
     def _prefix_tokens(self, batch: int) -> torch.Tensor | None:
