@@ -1,0 +1,181 @@
+"""Every benchmark runs end to end at test size and prints one valid JSON document.
+
+The scripts run in this process (their main(argv)), so torch and timm are imported once; the
+figures themselves are meaningless at these sizes, only their presence and sanity are checked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from benchmarks import (
+    checkpointing,
+    gpu_h200,
+    loader,
+    mae_peer,
+    mae_visible,
+    probe,
+    speedups,
+    step,
+    workloads,
+)
+from benchmarks.measure import count_flops
+from pretrain.data import ensure_demo_data
+
+
+def run(capsys, main, *argv) -> dict:
+    assert main(list(argv)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def shards(demo_dir) -> dict:
+    """The session's demo shards (labels and captions): {"train": index, "val": index}."""
+    return ensure_demo_data(demo_dir, 256, 64, 32, seed=0)
+
+
+def test_step_times_each_objective_and_counts_paper_flops(capsys):
+    result = run(
+        capsys, step.main, "--objectives", "mae,simclr,clip", "--configs", "demo,paper",
+        "--tiny", "--steps", "1", "--warmup", "1",
+    )  # fmt: skip
+    assert result["benchmark"] == "step"
+    assert result["matmul_peak"]["used_flops_per_s"] > 0
+    timed = [entry for entry in result["results"] if entry["config"] == "demo"]
+    assert [entry["objective"] for entry in timed] == ["mae", "simclr", "clip"]
+    for entry in timed:
+        assert entry["timing"]["images_per_s"] > 0
+        assert 0 < entry["timing"]["mfu"]
+        assert entry["memory"]["peak_mb"] is None or entry["memory"]["peak_mb"] > 0
+    paper = {entry["objective"]: entry for entry in result["results"] if entry["config"] == "paper"}
+    assert all(entry["timing"] is None and entry["timing_skipped"] for entry in paper.values())
+    # MAE ViT-B/16 at 224 px, decoder 512 x 8: about 18 GFLOP forward per image (4.3 encoder on
+    # 49 visible patches + 5 decoder on 196 + attention), three times that with the backward.
+    assert 45e9 < paper["mae"]["flops_per_image"] < 70e9
+
+
+def test_meta_flop_count_matches_a_real_cpu_step():
+    """The meta-device count (used for MFU) agrees with counting a real CPU step, where the
+    attention runs in the CPU flash kernel that torch's FlopCounterMode does not know."""
+    config = workloads.load("mae", "demo", tiny=True)
+    real = count_flops(workloads.build(config).forward_backward)
+    meta = workloads.step_flops(config)
+    assert real == pytest.approx(meta, rel=0.02)
+
+
+def test_mae_visible_only_costs_fewer_flops_than_mask_tokens(capsys):
+    result = run(
+        capsys, mae_visible.main, "--configs", "demo", "--tiny",
+        "--rounds", "1", "--steps-per-round", "1", "--warmup", "0",
+    )  # fmt: skip
+    (entry,) = result["results"]
+    # 16 patches, 4 visible: the encoder does ~4x less work, the (equally wide) decoder the same
+    assert entry["flops_ratio"] > 1.2
+    assert entry["speedup_of_visible_only"] > 0
+
+
+def test_mae_peer_runs_or_says_unavailable(capsys, tmp_path):
+    result = run(
+        capsys, mae_peer.main, "--tiny", "--peer-path", str(tmp_path / "nothing"),
+        "--rounds", "1", "--steps-per-round", "1", "--warmup", "0",
+    )  # fmt: skip
+    (entry,) = result["results"]
+    assert entry["timing"]["ours"]["items_per_s"] > 0
+    if importlib.util.find_spec("transformers") is None:
+        assert entry["peer"].startswith("peer unavailable")
+        assert "speedup_over_peer" not in entry
+    else:  # same config, so the same parameter count
+        assert entry["parameters"]["ours"] == entry["parameters"]["hf_vitmae"]
+        assert entry["speedup_over_peer"] > 0
+
+
+def test_loader_against_training_consumption(capsys, shards):
+    result = run(
+        capsys, loader.main, "--shards", shards["train"], "--objectives", "mae,clip",
+        "--workers", "1", "--batches", "3", "--stage-samples", "16", "--steps", "1", "--tiny",
+    )  # fmt: skip
+    for entry in result["results"]:
+        (measured,) = entry["loader"]
+        assert measured["workers"] == 1 and measured["images_per_s"] > 0
+        assert measured["times_training_consumption"] > 0
+        assert set(entry["stages"]["us_per_image"]) == {
+            "tar_read",
+            "jpeg_decode",
+            "transform",
+            "collate",
+        }
+
+
+def test_loader_without_shards_is_one_line_error(capsys, tmp_path):
+    with pytest.raises(SystemExit) as stopped:
+        loader.main(["--shards", str(tmp_path / "missing.tar"), "--tiny"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.startswith("error: shard not found")
+
+
+def test_probe_cached_and_per_epoch_agree(capsys, shards):
+    result = run(
+        capsys, probe.main, "--train-shards", shards["train"], "--val-shards", shards["val"],
+        "--train-samples", "64", "--val-samples", "32", "--epochs", "2", "--batch-size", "16",
+        "--tiny",
+    )  # fmt: skip
+    measured = result["result"]
+    assert measured["train_samples"] == 64 and measured["val_samples"] == 32
+    assert 0 <= measured["cached"]["top1"] <= 1
+    # same features, heads, order and schedule: at most one of 32 predictions may differ
+    assert abs(measured["top1_difference_points"]) <= 100 / 32 + 1e-9
+    assert measured["speedup"] > 0
+
+
+def test_checkpointing_reports_both_cases(capsys):
+    result = run(capsys, checkpointing.main, "--tiny")
+    for case in ("timm_forward_features", "mae_objective"):
+        measured = result["result"][case]
+        assert measured["off"]["seconds"] > 0 and measured["on"]["seconds"] > 0
+        assert measured["time_ratio_on_off"] > 0
+
+
+def test_speedups_measure_each_group(capsys):
+    groups = "optimizer,attention,grad_norm,host_sync,masking,channels_last"
+    result = run(
+        capsys, speedups.main, "--groups", groups, "--tiny", "--rounds", "1",
+        "--steps-per-round", "1", "--warmup", "0", "--cnn-batch", "2",
+    )  # fmt: skip
+    measured = result["results"]
+    assert set(measured) == set(groups.split(","))
+    assert list(measured["optimizer"]) == ["project", "fused", "forloop"]
+    assert measured["optimizer"]["project"]["gain_percent"] == 0
+    assert 0 < measured["masking"]["share_of_step_percent"] < 100
+
+
+def test_speedups_unknown_group_is_one_line_error(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        speedups.main(["--groups", "warp_drive"])
+    assert stopped.value.code == 2
+    assert "unknown group(s) warp_drive" in capsys.readouterr().err
+
+
+def test_gpu_script_cpu_dry_run(capsys, tmp_path):
+    out = tmp_path / "gpu.json"
+    result = run(
+        capsys, gpu_h200.main, "--tiny", "--no-compile", "--steps", "1", "--warmup", "0",
+        "--out", str(out),
+    )  # fmt: skip
+    assert json.loads(out.read_text()) == result
+    parts = {entry["objective"]: entry for entry in result["results"]}
+    assert set(parts) == {"mae", "simclr"}
+    assert set(parts["simclr"]["variants"]) == {"eager", "eager_sync", "nhwc"}
+    for entry in parts.values():
+        assert entry["mixed_precision"] == ("bf16" if torch.cuda.is_available() else "no")
+        for measured in entry["variants"].values():
+            assert measured["timing"]["mfu"] > 0
+
+
+def test_gpu_script_skips_what_the_budget_cannot_cover(capsys):
+    result = run(capsys, gpu_h200.main, "--tiny", "--no-compile", "--budget-s", "0")
+    for entry in result["results"]:
+        assert all("skipped" in measured for measured in entry["variants"].values())
