@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from accelerate.utils import DistributedType
 from tqdm import tqdm
 
 from pretrain.checkpoint import export_encoder, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -83,6 +84,13 @@ def _train(config: Config, resume_dir, on_end, stop_signals: StopSignals) -> dic
         find_unused_parameters=phased,  # a phase's backward reaches only part of the model
     )
     is_main, rank = accelerator.is_main_process, accelerator.process_index
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # Checkpoints, pictures and the export read the whole model on the main process; with
+        # sharded parameters that needs a full-state gather on every rank first (not built yet).
+        raise ConfigError(
+            "FSDP launches are not supported by the engine yet (checkpoints need a full-state "
+            "gather); launch with DDP, e.g. launch/accelerate_1node_8gpu.yaml"
+        )
     _use_demo_data_if_unset(config, accelerator)
     shards = expand_shards(config.data.train_shards, allow_pipe=config.data.allow_pipe)
 
