@@ -60,3 +60,27 @@ def python_env() -> dict:
 
 
 PYTHON = sys.executable
+
+
+def train_on_two_ranks(tmp_path: Path, overrides: list[str], timeout: int = 300):
+    """A real `accelerate launch` of 2 gloo CPU processes running tests/two_rank_train.py.
+
+    Returns (rank 0's state dict, rank 1's state dict, the launcher's stdout + stderr); fails
+    the test with the tail of stderr when the launch fails.
+    """
+    import subprocess
+
+    import torch
+
+    command = [
+        PYTHON, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--main_process_port", str(free_port()), "--mixed_precision", "no",
+        str(ROOT / "tests" / "two_rank_train.py"), str(tmp_path), *overrides,
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, env=python_env(), capture_output=True, text=True, timeout=timeout, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    states = [torch.load(tmp_path / f"params_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    return states[0], states[1], result.stdout + result.stderr

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import PYTHON, ROOT, free_port, python_env
+from conftest import PYTHON, ROOT, free_port, python_env, train_on_two_ranks
 from PIL import Image
 
 from pretrain.__main__ import main as pretrain_main
@@ -264,19 +264,8 @@ def test_cli_smoke_run_logs_contrastive_metrics(tiny_run, tmp_path, capsys, name
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", ["simclr", "clip"])
 def test_two_process_cli_run_keeps_replicas_identical(tiny_run, tmp_path, name):
-    command = [
-        PYTHON, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--main_process_port", str(free_port()), "--mixed_precision", "no",
-        str(ROOT / "tests" / "two_rank_train.py"), str(tmp_path),
-        *_tiny(tiny_run, name), f"train.run_name={name}", "train.steps=4",
-    ]  # fmt: skip
-    result = subprocess.run(
-        command, env=python_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rank0 = torch.load(tmp_path / "params_rank0.pt", weights_only=True)
-    rank1 = torch.load(tmp_path / "params_rank1.pt", weights_only=True)
+    overrides = [*_tiny(tiny_run, name), f"train.run_name={name}", "train.steps=4"]
+    rank0, rank1, _ = train_on_two_ranks(tmp_path, overrides)
     for key, tensor in rank0.items():
         # BatchNorm running statistics are per process (DDP re-broadcasts them from rank 0 at
         # each forward); the weights are what must match.

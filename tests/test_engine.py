@@ -1,10 +1,9 @@
 import json
-import subprocess
 
 import pytest
 import timm
 import torch
-from conftest import PYTHON, ROOT, free_port, python_env
+from conftest import train_on_two_ranks
 from safetensors.torch import load_file
 
 from pretrain.__main__ import main as pretrain_main
@@ -98,24 +97,14 @@ def test_bad_input_fails_in_one_line_without_a_run_dir(
 @pytest.mark.distributed
 def test_two_gloo_processes_train_identical_replicas(tiny_run, tmp_path):
     """A real `accelerate launch` of 2 CPU processes: DDP keeps the replicas bit-identical."""
-    command = [
-        PYTHON, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--main_process_port", str(free_port()), "--mixed_precision", "no",
-        str(ROOT / "tests" / "two_rank_train.py"), str(tmp_path),
-        *tiny_run, "train.run_name=ddp", "train.steps=4",
-    ]  # fmt: skip
-    result = subprocess.run(
-        command, env=python_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path
+    rank0, rank1, output = train_on_two_ranks(
+        tmp_path, [*tiny_run, "train.run_name=ddp", "train.steps=4"]
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rank0 = torch.load(tmp_path / "params_rank0.pt", weights_only=True)
-    rank1 = torch.load(tmp_path / "params_rank1.pt", weights_only=True)
     for name, tensor in rank0.items():
         assert torch.equal(tensor, rank1[name]), name
     metrics = (tmp_path / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(metrics[-1])["step"] == 4
-    assert "2 process(es)" in result.stdout + result.stderr
+    assert "2 process(es)" in output
 
 
 def test_an_unrelated_folder_is_never_taken_over(tiny_run, tmp_path, capsys):

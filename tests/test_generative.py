@@ -3,12 +3,11 @@ smoke runs through the real CLI, exact GAN resume, and a 2-process GAN run."""
 
 import json
 import math
-import subprocess
 
 import pytest
 import timm
 import torch
-from conftest import PYTHON, ROOT, free_port, python_env
+from conftest import train_on_two_ranks
 from safetensors.torch import load_file
 
 from pretrain.__main__ import main as pretrain_main
@@ -266,20 +265,9 @@ def test_gan_resumes_exactly_with_its_fixed_noise(generative_run, tmp_path, caps
 
 @pytest.mark.distributed
 def test_two_gloo_processes_keep_gan_replicas_identical(generative_run, tmp_path):
-    command = [
-        PYTHON, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--main_process_port", str(free_port()), "--mixed_precision", "no",
-        str(ROOT / "tests" / "two_rank_train.py"), str(tmp_path),
-        *generative_run, *DCGAN_ENCODER, "objective.name=gan", "train.run_name=ddp",
-    ]  # fmt: skip
-    result = subprocess.run(
-        command, env=python_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout + result.stderr
-    rank0 = torch.load(tmp_path / "params_rank0.pt", weights_only=True)
-    rank1 = torch.load(tmp_path / "params_rank1.pt", weights_only=True)
+    overrides = [*generative_run, *DCGAN_ENCODER, "objective.name=gan", "train.run_name=ddp"]
+    rank0, rank1, output = train_on_two_ranks(tmp_path, overrides)
+    assert "2 process(es)" in output
     parameter_names = {name for name, _ in tiny("gan").named_parameters()}
     assert parameter_names < set(rank0)
     for name in parameter_names | {"fixed_noise"}:
