@@ -100,6 +100,16 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(pieces)
 
 
+def gather_global_batch(*local: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+    """Several (B, D_i) tensors of this process -> the global batch's (N, D_i), rank order, with
+    gradient, through ONE gather (they travel side by side as (B, sum D_i)); and the offset of
+    this process's rows among the N (rank * B)."""
+    rank, _ = world_info()
+    widths = [tensor.shape[1] for tensor in local]
+    joined = gather_with_grad(torch.cat(local, dim=1))  # (N, sum D_i)
+    return list(joined.split(widths, dim=1)), rank * local[0].shape[0]
+
+
 def gather_objects(accelerator: Accelerator, value) -> list:
     """Every process's picklable `value`, in rank order, on every process."""
     if accelerator.num_processes == 1:

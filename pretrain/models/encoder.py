@@ -49,3 +49,9 @@ def build_encoder(
         except TypeError:
             continue
     return spec.create(), spec  # raises ModelError with timm's message
+
+
+def encoder_from_config(config) -> tuple[nn.Module, EncoderSpec]:
+    """The run's encoder: `model.*` keys of a pretrain Config at `data.image_size`."""
+    model = config.model
+    return build_encoder(model.name, config.data.image_size, model.patch_size, model.kwargs)

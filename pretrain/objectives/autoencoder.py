@@ -15,7 +15,7 @@ from torchvision import transforms as T
 from pretrain.config import Config
 from pretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 from pretrain.models.dcgan import DCGANGenerator  # also registers `dcgan_encoder` with timm
-from pretrain.models.encoder import build_encoder
+from pretrain.models.encoder import encoder_from_config
 from pretrain.models.feature_head import FeatureMapLinear
 
 
@@ -42,9 +42,7 @@ class Autoencoder(nn.Module):
 
 
 def build_autoencoder(config: Config):
-    encoder, spec = build_encoder(
-        config.model.name, config.data.image_size, config.model.patch_size, config.model.kwargs
-    )
+    encoder, spec = encoder_from_config(config)
     settings = config.autoencoder
     model = Autoencoder(
         encoder, config.data.image_size, settings.latent_dim, settings.decoder_width

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from pretrain.config import CLIPConfig, Config, ConfigError
 from pretrain.data.transforms import ImageText, clip_image_transform
-from pretrain.distributed import gather_with_grad, world_info
+from pretrain.distributed import gather_global_batch
 from pretrain.losses import clip_loss, retrieval_stats, siglip_loss
-from pretrain.models.encoder import build_encoder
+from pretrain.models.encoder import encoder_from_config
 from pretrain.models.text import CaptionTokenizer, build_text_tower
 
 LOSSES = ("clip", "siglip")
@@ -75,9 +75,7 @@ class CLIP(nn.Module):
         image = self.encode_image(batch["image"])  # (B, D)
         text = self.encode_text(batch["text"])  # (B, D)
         if self.global_negatives:
-            rank, _ = world_info()
-            image_all, text_all = gather_with_grad(image), gather_with_grad(text)  # (N, D)
-            offset = rank * image.shape[0]
+            (image_all, text_all), offset = gather_global_batch(image, text)  # (N, D) each
         else:
             image_all = text_all = None
             offset = 0
@@ -99,9 +97,7 @@ class CLIP(nn.Module):
 
 
 def build_clip(config: Config):
-    encoder, spec = build_encoder(
-        config.model.name, config.data.image_size, config.model.patch_size, config.model.kwargs
-    )
+    encoder, spec = encoder_from_config(config)
     return CLIP(encoder, config.clip), spec
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from pretrain.config import Config, ConfigError
 from pretrain.models.dcgan import DCGANGenerator  # also registers `dcgan_encoder` with timm
-from pretrain.models.encoder import build_encoder
+from pretrain.models.encoder import encoder_from_config
 from pretrain.models.feature_head import FeatureMapLinear
 
 GENERATOR_LOSSES = ("non_saturating", "minimax")
@@ -122,9 +122,7 @@ def build_gan(config: Config):
         )
     if settings.noise_dim < 1 or settings.sample_grid < 1:
         raise ConfigError("gan.noise_dim and gan.sample_grid must be >= 1")
-    encoder, spec = build_encoder(
-        config.model.name, config.data.image_size, config.model.patch_size, config.model.kwargs
-    )
+    encoder, spec = encoder_from_config(config)
     model = GAN(
         encoder,
         config.data.image_size,

@@ -11,7 +11,7 @@ from einops import rearrange
 from timm.models import checkpoint_seq
 
 from pretrain.config import Config, MAEConfig
-from pretrain.models.encoder import ModelError, build_encoder
+from pretrain.models.encoder import ModelError, encoder_from_config
 from pretrain.models.mae_decoder import MAEDecoder
 from pretrain.models.position import sincos_2d
 
@@ -166,7 +166,5 @@ class MAE(nn.Module):
 
 
 def build_mae(config: Config):
-    encoder, spec = build_encoder(
-        config.model.name, config.data.image_size, config.model.patch_size, config.model.kwargs
-    )
+    encoder, spec = encoder_from_config(config)
     return MAE(encoder, config.mae), spec

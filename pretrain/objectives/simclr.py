@@ -12,9 +12,9 @@ import torch.nn as nn
 
 from pretrain.config import Config, ConfigError, SimCLRConfig
 from pretrain.data.transforms import TwoViews, simclr_view_transform
-from pretrain.distributed import gather_with_grad, world_info
+from pretrain.distributed import gather_global_batch
 from pretrain.losses import nt_xent, retrieval_stats
-from pretrain.models.encoder import build_encoder
+from pretrain.models.encoder import encoder_from_config
 from pretrain.models.projection import ProjectionHead
 
 NEGATIVES = ("global", "local")
@@ -42,9 +42,7 @@ class SimCLR(nn.Module):
         views = torch.cat([batch["image"], batch["image2"]])  # (2B, 3, H, W): one encoder pass
         z1, z2 = self.projection(self.encoder(views)).chunk(2)  # (B, D) each
         if self.global_negatives:
-            rank, _ = world_info()
-            z1_all, z2_all = gather_with_grad(z1), gather_with_grad(z2)  # (N, D), rank order
-            offset = rank * z1.shape[0]
+            (z1_all, z2_all), offset = gather_global_batch(z1, z2)  # (N, D) each, rank order
         else:
             z1_all = z2_all = None
             offset = 0
@@ -60,9 +58,7 @@ class SimCLR(nn.Module):
 
 
 def build_simclr(config: Config):
-    encoder, spec = build_encoder(
-        config.model.name, config.data.image_size, config.model.patch_size, config.model.kwargs
-    )
+    encoder, spec = encoder_from_config(config)
     return SimCLR(encoder, config.simclr), spec
 
 

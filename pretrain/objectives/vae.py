@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from pretrain.config import Config, ConfigError, VAEConfig
 from pretrain.models.dcgan import DCGANGenerator  # also registers `dcgan_encoder` with timm
-from pretrain.models.encoder import build_encoder
+from pretrain.models.encoder import encoder_from_config
 from pretrain.models.feature_head import FeatureMapLinear
 
 
@@ -118,8 +118,6 @@ def build_vae(config: Config):
     settings = config.vae
     if settings.beta < 0 or settings.latent_dim < 1 or settings.sample_grid < 1:
         raise ConfigError("vae.beta must be >= 0, vae.latent_dim and vae.sample_grid >= 1")
-    encoder, spec = build_encoder(
-        config.model.name, config.data.image_size, config.model.patch_size, config.model.kwargs
-    )
+    encoder, spec = encoder_from_config(config)
     model = VAE(encoder, config.data.image_size, settings, config.train.grad_accum)
     return model, spec
