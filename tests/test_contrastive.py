@@ -13,7 +13,8 @@ from PIL import Image
 from pretrain.__main__ import main as pretrain_main
 from pretrain.config import ConfigError, load_config
 from pretrain.data import eval_loader
-from pretrain.data.transforms import simclr_view_transform
+from pretrain.data.read import collate
+from pretrain.data.view_augment import VIEW_PARAMS
 from pretrain.data.write import write_captions, write_imagefolder
 from pretrain.objectives import build_objective
 from pretrain.objectives.simclr import simclr_train_transform
@@ -32,7 +33,7 @@ TINY_TEXT = [
 # --- data: two views, captions ------------------------------------------------------------------
 
 
-def test_simclr_transform_gives_two_different_views_of_one_image():
+def test_simclr_transform_gives_two_different_uint8_crops_and_their_colour_params():
     config = load_config(None, ["objective.name=simclr"])
     transform = simclr_train_transform(config)
     image = Image.new("RGB", (32, 32), (200, 40, 40))
@@ -40,18 +41,32 @@ def test_simclr_transform_gives_two_different_views_of_one_image():
     torch.manual_seed(0)
     out = transform({"image": image, "label": 3})
     assert out["image"].shape == out["image2"].shape == (3, 32, 32) and out["label"] == 3
+    assert out["image"].dtype == torch.uint8
+    assert out["view_params"].shape == out["view_params2"].shape == (VIEW_PARAMS,)
     assert not torch.equal(out["image"], out["image2"])
+    torch.manual_seed(0)
+    again = transform({"image": image, "label": 3})
+    assert all(torch.equal(out[key], again[key]) for key in out if key != "label")
 
 
-def test_blur_is_off_for_small_images_and_on_for_large_ones():
-    def has_blur(transform):
-        return "GaussianBlur" in repr(transform)
+def test_simclr_objective_augments_uint8_views_on_its_device_and_blurs_by_image_size():
+    small = build_objective(load_config(None, ["objective.name=simclr", TINY_VIT]))[0]
+    large = build_objective(
+        load_config(None, ["objective.name=simclr", TINY_VIT, "data.image_size=224"])
+    )[0]
+    forced = build_objective(
+        load_config(None, ["objective.name=simclr", TINY_VIT, "simclr.blur_p=0.5"])
+    )[0]
+    assert small.blur_kernel == 0 and forced.blur_kernel == 3
+    assert large.blur_kernel == 23  # ~10% of the side, odd
+    assert "pixel_mean" not in small.state_dict()  # constants stay out of checkpoints
 
-    assert not has_blur(simclr_view_transform(32))
-    assert has_blur(simclr_view_transform(96))
-    assert has_blur(simclr_view_transform(32, blur_p=0.5))
-    large = repr(simclr_view_transform(224))
-    assert "kernel_size=(23, 23)" in large  # ~10% of the side, odd
+    transform = simclr_train_transform(load_config(None, ["objective.name=simclr"]))
+    torch.manual_seed(0)
+    images = [Image.new("RGB", (40, 36), (10 * i, 200 - 20 * i, 90)) for i in range(4)]
+    batch = collate([transform({"image": image, "key": str(i)}) for i, image in enumerate(images)])
+    out = small(batch)
+    assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
 
 
 def _three_class_folder(root):

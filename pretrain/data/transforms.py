@@ -11,10 +11,16 @@ Random transforms draw from the global torch RNG; the reader seeds it per sample
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
+import torch
+from PIL import Image
 from torchvision import transforms as T
+
+from pretrain.data.view_augment import blur_probability, draw_view_params, random_crop_box
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_ASPECT_RATIOS = (3 / 4, 4 / 3)  # RandomResizedCrop's default range
 
 
 class ImageTransform:
@@ -85,51 +91,67 @@ def eval_transform(
     )
 
 
-def simclr_view_transform(
-    image_size: int,
-    crop_scale: tuple[float, float] = (0.08, 1.0),
-    flip_p: float = 0.5,
-    color_jitter: Sequence[float] = (0.8, 0.8, 0.8, 0.2),
-    color_jitter_p: float = 0.8,
-    grayscale_p: float = 0.2,
-    blur_p: float | None = None,
-    blur_kernel_fraction: float = 0.1,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> Callable:
-    """One SimCLR view (Chen et al., 2020, appendix A): PIL image -> [3, H, W] float.
+class SimCLRViews:
+    """SimCLR sample transform (Chen et al., 2020, appendix A), the per-image half: two random
+    resized crops with horizontal flips, as uint8 [3, H, W], and each view's colour parameters
+    ([VIEW_PARAMS] float32). The colour jitter, grayscale, blur and normalization are applied
+    batched on the training device by the objective (pretrain/data/view_augment.py): in PIL they
+    cost a loader worker 2.3 ms an image on this project's CPU, which starved the step.
 
-    blur_p None picks the paper's choice by image size: blur for ImageNet-sized images, none
-    for 32 px images (CIFAR), where a 3-pixel kernel only destroys what little detail there is.
+    Draws, in order, from the torch RNG (seeded per sample by the reader): crop, flip, colour
+    parameters of view 1, then the same for view 2.
     """
-    if blur_p is None:
-        blur_p = 0.5 if image_size > 32 else 0.0
-    steps = [
-        T.RandomResizedCrop(image_size, scale=tuple(crop_scale)),
-        T.RandomHorizontalFlip(flip_p),
-        T.RandomApply([T.ColorJitter(*color_jitter)], p=color_jitter_p),
-        T.RandomGrayscale(grayscale_p),
-    ]
-    if blur_p > 0:
-        kernel = max(3, int(image_size * blur_kernel_fraction) // 2 * 2 + 1)  # odd
-        steps.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p))
-    return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
 
+    def __init__(
+        self,
+        image_size: int,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        flip_p: float = 0.5,
+        color_jitter: Sequence[float] = (0.8, 0.8, 0.8, 0.2),
+        color_jitter_p: float = 0.8,
+        grayscale_p: float = 0.2,
+        blur_p: float | None = None,
+    ):
+        self.image_size = image_size
+        self.crop_scale = tuple(crop_scale)
+        self.flip_p = flip_p
+        self.color_jitter = tuple(color_jitter)
+        self.color_jitter_p = color_jitter_p
+        self.grayscale_p = grayscale_p
+        self.blur_p = blur_probability(image_size, blur_p)
 
-class TwoViews:
-    """SimCLR sample transform: two independent augmentations of the same image."""
+    def crop(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> uint8 [3, size, size]: random resized crop (bilinear), maybe flipped."""
+        left, top, width, height = random_crop_box(*image.size, self.crop_scale, CROP_ASPECT_RATIOS)
+        size = (self.image_size, self.image_size)
+        box = (left, top, left + width, top + height)
+        view = image.resize(size, Image.Resampling.BILINEAR, box=box)  # crop and resize at once
+        if torch.rand(()).item() < self.flip_p:
+            view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.array(view)).permute(2, 0, 1)  # HWC -> CHW, uint8
 
-    def __init__(self, view_transform: Callable):
-        self.view_transform = view_transform
+    def view(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = self.crop(image)
+        params = draw_view_params(
+            self.color_jitter, self.color_jitter_p, self.grayscale_p, self.blur_p
+        )
+        return pixels, params
 
     def __call__(self, sample: dict) -> dict:
-        out = {
-            "image": self.view_transform(sample["image"]),  # [3, H, W]
-            "image2": self.view_transform(sample["image"]),  # [3, H, W], another draw
-        }
+        image, params = self.view(sample["image"])
+        image2, params2 = self.view(sample["image"])  # another, independent draw
+        out = {"image": image, "view_params": params, "image2": image2, "view_params2": params2}
         if "label" in sample:
             out["label"] = sample["label"]
         return out
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(size={self.image_size}, crop_scale={self.crop_scale}, "
+            f"flip_p={self.flip_p}, color_jitter={self.color_jitter}, "
+            f"color_jitter_p={self.color_jitter_p}, grayscale_p={self.grayscale_p}, "
+            f"blur_p={self.blur_p})"
+        )
 
 
 class ImageText:

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 
 from pretrain.config import Config, ConfigError, SimCLRConfig
-from pretrain.data.transforms import TwoViews, simclr_view_transform
+from pretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SimCLRViews
+from pretrain.data.view_augment import augment_views, blur_kernel_size, blur_probability
 from pretrain.distributed import gather_global_batch
 from pretrain.losses import nt_xent, retrieval_stats
 from pretrain.models.encoder import encoder_from_config
@@ -21,7 +22,11 @@ NEGATIVES = ("global", "local")
 
 
 class SimCLR(nn.Module):
-    def __init__(self, encoder: nn.Module, settings: SimCLRConfig):
+    """Views arrive from the loader as uint8 crops with their colour parameters (SimCLRViews);
+    the colour jitter, grayscale, blur and normalization run here, batched on the device. Float
+    views (already augmented and normalized) go to the encoder as they are."""
+
+    def __init__(self, encoder: nn.Module, settings: SimCLRConfig, image_size: int):
         super().__init__()
         if settings.negatives not in NEGATIVES:
             known, given = ", ".join(NEGATIVES), settings.negatives
@@ -37,9 +42,19 @@ class SimCLR(nn.Module):
         )
         self.temperature = settings.temperature
         self.global_negatives = settings.negatives == "global"
+        blurs = blur_probability(image_size, settings.blur_p) > 0
+        self.blur_kernel = (
+            blur_kernel_size(image_size, settings.blur_kernel_fraction) if blurs else 0
+        )
+        # not in checkpoints (persistent=False): constants, not state
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD), persistent=False)
 
     def forward(self, batch: dict) -> dict:
         views = torch.cat([batch["image"], batch["image2"]])  # (2B, 3, H, W): one encoder pass
+        if views.dtype == torch.uint8:
+            params = torch.cat([batch["view_params"], batch["view_params2"]])  # (2B, P)
+            views = augment_views(views, params, self.pixel_mean, self.pixel_std, self.blur_kernel)
         z1, z2 = self.projection(self.encoder(views)).chunk(2)  # (B, D) each
         if self.global_negatives:
             (z1_all, z2_all), offset = gather_global_batch(z1, z2)  # (N, D) each, rank order
@@ -59,20 +74,17 @@ class SimCLR(nn.Module):
 
 def build_simclr(config: Config):
     encoder, spec = encoder_from_config(config)
-    return SimCLR(encoder, config.simclr), spec
+    return SimCLR(encoder, config.simclr, config.data.image_size), spec
 
 
-def simclr_train_transform(config: Config) -> TwoViews:
+def simclr_train_transform(config: Config) -> SimCLRViews:
     settings = config.simclr
-    return TwoViews(
-        simclr_view_transform(
-            config.data.image_size,
-            crop_scale=settings.crop_scale,
-            flip_p=settings.flip_p,
-            color_jitter=settings.color_jitter,
-            color_jitter_p=settings.color_jitter_p,
-            grayscale_p=settings.grayscale_p,
-            blur_p=settings.blur_p,
-            blur_kernel_fraction=settings.blur_kernel_fraction,
-        )
+    return SimCLRViews(
+        config.data.image_size,
+        crop_scale=settings.crop_scale,
+        flip_p=settings.flip_p,
+        color_jitter=settings.color_jitter,
+        color_jitter_p=settings.color_jitter_p,
+        grayscale_p=settings.grayscale_p,
+        blur_p=settings.blur_p,
     )
