@@ -1,16 +1,17 @@
-"""Training-step throughput, MFU and peak memory of each objective at its demo and paper configs.
+"""Training-step throughput, MFU and peak memory of each objective at its demo, CIFAR-10 and paper
+configs.
 
-    python -m benchmarks.step [--objectives mae,simclr,clip] [--configs demo,paper] [--steps 10]
+    python -m benchmarks.step [--objectives mae,simclr,clip] [--configs demo,cifar,paper]
 
 MFU = (model FLOPs of one step, counted by FlopCounterMode on the meta device) / (median step
 time) / (the fp32 matmul peak measured in this process, before and after the steps; the higher
-of the two). For the demo configs, "dense_ops_alone" replays the step's own matmuls and
+of the two). For the demo and CIFAR configs, "dense_ops_alone" replays the step's own matmuls and
 convolutions (same shapes) without anything else: the MFU the step would reach if norms,
 activations, attention kernels and the optimizer cost nothing, i.e. the ceiling that the
 model's shapes allow on this machine.
-Paper configs are counted at their own batch size; they are timed on this machine only at
---paper-batch images per step, and only when the estimated step time fits --paper-max-step-s
-(otherwise the JSON says why not).
+CIFAR and paper configs are counted at their own batch size and timed at --cifar-batch and
+--paper-batch images per step; paper configs only when the estimated step time fits
+--paper-max-step-s (otherwise the JSON says why not).
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ ASSUMED_FRACTION_OF_PEAK = 0.4
 def main(argv: list[str] | None = None) -> int:
     arguments = parser(__doc__.splitlines()[0])
     arguments.add_argument("--objectives", default="mae,simclr,clip")
-    arguments.add_argument("--configs", default="demo,paper")
+    arguments.add_argument("--configs", default="demo,cifar,paper")
     arguments.add_argument("--steps", type=int, default=10, help="timed steps per config")
     arguments.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    arguments.add_argument("--cifar-batch", type=int, default=32)
+    arguments.add_argument("--cifar-steps", type=int, default=5, help="timed steps, CIFAR configs")
     arguments.add_argument("--paper-batch", type=int, default=2)
     arguments.add_argument("--paper-steps", type=int, default=2, help="timed steps, paper configs")
     arguments.add_argument("--paper-max-step-s", type=float, default=20.0)
@@ -89,10 +92,12 @@ def measure_config(objective: str, kind: str, args, device, peak_guess: float) -
     }
     result["flops_per_image"] = result["flops_per_step"] / config.data.batch_size
     batch = config.data.batch_size
-    if kind != "demo":
+    if kind != "demo" and args.tiny:
+        return {**result, "timing": None, "timing_skipped": "--tiny: FLOPs only"}
+    if kind == "cifar":
+        batch = args.cifar_batch
+    elif kind != "demo":
         batch = args.paper_batch
-        if args.tiny:
-            return {**result, "timing": None, "timing_skipped": "--tiny: FLOPs only"}
         estimate = workloads.step_flops(config, batch) / (ASSUMED_FRACTION_OF_PEAK * peak_guess)
         if estimate > args.paper_max_step_s:
             result["timing"] = None
@@ -102,7 +107,10 @@ def measure_config(objective: str, kind: str, args, device, peak_guess: float) -
             )
             return result
     flops_timed = workloads.step_flops(config, batch)
-    steps, warmup = (args.steps, args.warmup) if kind == "demo" else (args.paper_steps, 1)
+    steps, warmup = {
+        "demo": (args.steps, args.warmup),
+        "cifar": (args.cifar_steps, 1),
+    }.get(kind, (args.paper_steps, 1))
     with PeakMemory(device) as memory:
         workload = workloads.build(config, device, batch_size=batch)
         time_steps(workload.step, warmup, device)
@@ -115,7 +123,7 @@ def measure_config(objective: str, kind: str, args, device, peak_guess: float) -
         timing["note"] = f"timed at batch {batch}, not the config's {config.data.batch_size}"
     result["parameters"] = workload.parameters
     result["timing"] = timing
-    if kind == "demo":  # what the step's own dense ops reach alone: the ceiling for its MFU
+    if kind in ("demo", "cifar"):  # the step's own dense ops alone: the ceiling for its MFU
         result["dense_ops_alone"] = dense_op_replay(workload.forward_backward, device)
     result["memory"] = memory.as_dict()
     return result

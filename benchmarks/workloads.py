@@ -31,6 +31,11 @@ from pretrain.optim import build_optimizer, no_weight_decay_names
 
 CONFIG_DIR = ROOT / "configs" / "pretrain"
 # The paper recipes in configs/pretrain for the objectives that have one.
+CIFAR_CONFIGS = {  # CPU-sized recipes on 32 px CIFAR-10 shards
+    "mae": "cifar_mae_vit_small.yaml",
+    "simclr": "cifar_simclr_resnet18.yaml",
+    "clip": "cifar_clip_vit.yaml",
+}
 PAPER_CONFIGS = {
     "mae": "mae_vit_base_imagenet.yaml",
     "simclr": "simclr_resnet50_imagenet.yaml",
@@ -40,9 +45,12 @@ CAPTION_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 
 def config_path(objective: str, kind: str) -> Path:
-    """kind "demo": configs/pretrain/demo_<objective>.yaml; "paper": the paper recipe."""
+    """kind "demo": configs/pretrain/demo_<objective>.yaml; "cifar": the CIFAR-10 recipe;
+    "paper": the paper recipe."""
     if kind == "demo":
         return CONFIG_DIR / f"demo_{objective}.yaml"
+    if kind == "cifar" and objective in CIFAR_CONFIGS:
+        return CONFIG_DIR / CIFAR_CONFIGS[objective]
     if kind == "paper" and objective in PAPER_CONFIGS:
         return CONFIG_DIR / PAPER_CONFIGS[objective]
     raise KeyError(f"no {kind} config for objective '{objective}'")
@@ -219,8 +227,14 @@ def step_flops(config: Config, batch_size: int | None = None) -> int:
     real CPU step instead."""
     batch_size = batch_size or config.data.batch_size
     sample = synthetic_batch(config, 1, "cpu")
+    # uint8 images as float: SimCLR then skips its on-device colour augmentation, which reads
+    # its per-image op order on the host (impossible on meta) and has no matmuls to count
     batch = {
-        name: torch.empty((batch_size, *value.shape[1:]), dtype=value.dtype, device="meta")
+        name: torch.empty(
+            (batch_size, *value.shape[1:]),
+            dtype=torch.float32 if value.dtype == torch.uint8 else value.dtype,
+            device="meta",
+        )
         for name, value in sample.items()
     }
     with torch.device("meta"):

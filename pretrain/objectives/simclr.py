@@ -54,7 +54,10 @@ class SimCLR(nn.Module):
         views = torch.cat([batch["image"], batch["image2"]])  # (2B, 3, H, W): one encoder pass
         if views.dtype == torch.uint8:
             params = torch.cat([batch["view_params"], batch["view_params2"]])  # (2B, P)
-            views = augment_views(views, params, self.pixel_mean, self.pixel_std, self.blur_kernel)
+            with torch.autocast(views.device.type, enabled=False):  # pixels in fp32, even blur
+                views = augment_views(
+                    views, params, self.pixel_mean, self.pixel_std, self.blur_kernel
+                )
         z1, z2 = self.projection(self.encoder(views)).chunk(2)  # (B, D) each
         if self.global_negatives:
             (z1_all, z2_all), offset = gather_global_batch(z1, z2)  # (N, D) each, rank order
