@@ -48,16 +48,28 @@ def blur_kernel_size(image_size: int, fraction: float) -> int:
     return max(3, int(image_size * fraction) // 2 * 2 + 1)
 
 
+CROP_ATTEMPTS = 10
+CROP_DRAWS = 4 * CROP_ATTEMPTS  # uniforms one random_crop_box uses
+PARAM_DRAWS = 12  # uniforms one draw_view_params uses
+
+
 def random_crop_box(
-    width: int, height: int, scale: Sequence[float], ratio: Sequence[float], attempts: int = 10
+    width: int,
+    height: int,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    draws: Sequence[float] | None = None,
 ) -> tuple[int, int, int, int]:
     """(left, top, crop width, crop height) of a random resized crop: an area fraction uniform in
-    `scale` and an aspect ratio log-uniform in `ratio`, retried up to `attempts` times until the
-    crop fits, else the whole image cut to the nearest allowed ratio (as torchvision's
-    RandomResizedCrop). All draws in one call: this runs per view in the loader."""
-    draws = torch.rand(attempts, 4).tolist()
+    `scale` and an aspect ratio log-uniform in `ratio`, retried up to CROP_ATTEMPTS times until
+    the crop fits, else the whole image cut to the nearest allowed ratio (as torchvision's
+    RandomResizedCrop). draws: CROP_DRAWS uniforms in [0, 1), drawn here when not given (the
+    loader draws everything a view needs in one call: each torch call costs microseconds)."""
+    if draws is None:
+        draws = torch.rand(CROP_DRAWS).tolist()
     log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
-    for area_draw, ratio_draw, top_draw, left_draw in draws:
+    for attempt in range(CROP_ATTEMPTS):
+        area_draw, ratio_draw, top_draw, left_draw = draws[4 * attempt : 4 * attempt + 4]
         area = width * height * (scale[0] + (scale[1] - scale[0]) * area_draw)
         aspect = math.exp(log_low + (log_high - log_low) * ratio_draw)
         crop_width, crop_height = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
@@ -74,18 +86,22 @@ def random_crop_box(
 
 
 def draw_view_params(
-    color_jitter: Sequence[float], color_jitter_p: float, grayscale_p: float, blur_p: float
+    color_jitter: Sequence[float],
+    color_jitter_p: float,
+    grayscale_p: float,
+    blur_p: float,
+    draws: Sequence[float] | None = None,
 ) -> torch.Tensor:
-    """One view's random choices, [VIEW_PARAMS] float32, drawn from the global torch RNG.
+    """One view's random choices, [VIEW_PARAMS] float32, from PARAM_DRAWS uniforms in [0, 1)
+    (drawn here from the global torch RNG when not given).
 
     color_jitter = (brightness, contrast, saturation, hue) strengths as torchvision's
-    ColorJitter takes them: factors uniform in [max(0, 1 - s), 1 + s], hue in [-h, h]. The same
-    number of values is drawn whatever is applied (one call: this runs per image in the loader).
+    ColorJitter takes them: factors uniform in [max(0, 1 - s), 1 + s], hue in [-h, h]; the op
+    order is the argsort of four uniforms (a uniform random permutation).
     """
-    apply_jitter, *factor_draws, hue_draw, apply_gray, apply_blur, sigma_draw = torch.rand(
-        8
-    ).tolist()
-    order = torch.randperm(4).tolist()
+    if draws is None:
+        draws = torch.rand(PARAM_DRAWS).tolist()
+    apply_jitter, *factor_draws, hue_draw, apply_gray, apply_blur, sigma_draw = draws[:8]
     values = [0.0, *IDENTITY, 0.0, 1.0, 2.0, 3.0, 0.0, 0.0]
     if apply_jitter < color_jitter_p:
         values[JITTER_APPLIED] = 1.0
@@ -93,13 +109,19 @@ def draw_view_params(
             low, high = max(0.0, 1.0 - strength), 1.0 + strength
             values[BRIGHTNESS + offset] = low + (high - low) * draw
         values[HUE] = color_jitter[3] * (2 * hue_draw - 1)
-        values[ORDER] = order
+        order_draws = draws[8:12]
+        values[ORDER] = sorted(range(4), key=order_draws.__getitem__)
     if apply_gray < grayscale_p:
         values[GRAYSCALE] = 1.0
     if apply_blur < blur_p:
         low, high = BLUR_SIGMA_RANGE
         values[BLUR_SIGMA] = low + (high - low) * sigma_draw
     return torch.tensor(values, dtype=torch.float32)
+
+
+def normalize_pixels(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> float32 normalized with per-channel mean and std ([3] each)."""
+    return (images.float().div_(255) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
 # ----------------------------------------------------------------------------------------------
