@@ -75,6 +75,10 @@ def _train(config: Config, resume_dir, on_end, stop_signals: StopSignals) -> dic
     objective, spec = entry.build(config)
     if config.model.grad_checkpointing:
         objective.encoder.set_grad_checkpointing(True)
+    if config.train.compile:
+        # nn.Module.compile: calls run the compiled forward, the module (and its state_dict
+        # keys) stay as they are, so checkpoints and exports do not depend on this setting
+        objective.compile()
     sample_transform = entry.train_transform(config)
     phases = optimizer_phases(objective)  # {phase: [(name, parameter)]}, in stepping order
     phased = hasattr(objective, "optimizer_phases")
@@ -508,6 +512,7 @@ _CHANGEABLE_ON_RESUME = (
     "train.keep_checkpoints",
     "train.max_nonfinite_steps",
     "train.time_limit_minutes",
+    "train.compile",
     "logging.",
 )
 

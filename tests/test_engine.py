@@ -130,3 +130,19 @@ def test_time_limit_ends_the_run_like_a_finished_one(tiny_run, tmp_path, capsys)
     # The same command again continues toward train.steps (the budget applies per invocation).
     code, out, _ = run_cli([*tiny_run, "train.run_name=budget"], capsys)
     assert code == 0 and json.loads(out[-1])["steps"] == 6
+
+
+def test_compiled_run_trains_and_saves_the_same_keys_as_an_eager_one(tiny_run, tmp_path, capsys):
+    common = [*tiny_run, "train.steps=2", "train.checkpoint_every=2", "logging.image_every=0"]
+    code, out, _ = run_cli([*common, "train.run_name=eager"], capsys)
+    assert code == 0
+    code, out, _ = run_cli([*common, "train.run_name=compiled", "train.compile=true"], capsys)
+    assert code == 0 and json.loads(out[-1])["steps"] == 2
+    eager_model, _, _ = load_checkpoint(list_checkpoints(tmp_path / "runs" / "eager")[-1])
+    compiled_model, _, _ = load_checkpoint(list_checkpoints(tmp_path / "runs" / "compiled")[-1])
+    assert list(compiled_model) == list(eager_model)  # no "_orig_mod." prefixes
+    assert all(torch.isfinite(tensor).all() for tensor in compiled_model.values())
+    export = load_file(tmp_path / "runs" / "compiled" / "export" / "encoder.safetensors")
+    assert set(export) == set(
+        load_file(tmp_path / "runs" / "eager" / "export" / "encoder.safetensors")
+    )
