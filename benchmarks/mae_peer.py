@@ -20,8 +20,6 @@ from benchmarks import workloads
 from benchmarks.harness import ROOT, emit, environment, parser
 from benchmarks.measure import compare_interleaved, count_flops, summarize
 from pretrain.config import Config
-from pretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from pretrain.data.view_augment import normalize_pixels
 
 
 class HuggingFaceMAE(torch.nn.Module):
@@ -30,15 +28,9 @@ class HuggingFaceMAE(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD), persistent=False)
 
     def forward(self, batch: dict) -> dict:
-        # the same uint8 -> normalized float conversion as our MAE step does on its device
-        images = batch["image"]
-        if images.dtype == torch.uint8:
-            images = normalize_pixels(images, self.pixel_mean, self.pixel_std)
-        return {"loss": self.model(pixel_values=images).loss}
+        return {"loss": self.model(pixel_values=batch["image"]).loss}
 
 
 def load_peer(peer_path: Path):

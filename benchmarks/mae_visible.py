@@ -32,7 +32,7 @@ class MaskTokensThroughEncoder(nn.Module):
 
     def forward(self, batch: dict) -> dict:
         mae, encoder, decoder = self.mae, self.mae.encoder, self.mae.decoder
-        images = mae.pixels(batch["image"])  # uint8 crops normalized, as MAE.forward does
+        images = batch["image"]
         prefix_count = mae.num_prefix_tokens
         positions = (
             encoder.pos_embed[:, prefix_count:] if mae.prefix_has_position else (encoder.pos_embed)

@@ -92,8 +92,7 @@ def masking_share(workload: workloads.Workload, repeats: int) -> dict:
     """Forward + backward time of MAE's masking (random_masking) and of the decoder's un-shuffle
     (mask tokens appended, gathered back to image order, prefix and positions added: the same
     ops as MAEDecoder.forward), as a share of the whole step."""
-    mae = workload.objective
-    images = mae.pixels(workload.batch["image"])  # the loader's uint8 crops, normalized
+    mae, images = workload.objective, workload.batch["image"]
     with torch.no_grad():
         tokens = mae.encoder.patch_embed(images)  # [N, L, E]
     tokens.requires_grad_(True)

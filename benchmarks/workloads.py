@@ -112,6 +112,8 @@ def synthetic_batch(config: Config, batch_size: int, device, seed: int = 0) -> d
         }
         samples.append(transform(raw))
     batch = collate([samples[index % len(samples)] for index in range(batch_size)])
+    if hasattr(transform, "finish_batch"):  # as the reader does: e.g. normalize uint8 crops
+        batch = transform.finish_batch(batch)
     return {
         name: value.to(device) for name, value in batch.items() if isinstance(value, torch.Tensor)
     }
@@ -227,15 +229,12 @@ def step_flops(config: Config, batch_size: int | None = None) -> int:
     real CPU step instead."""
     batch_size = batch_size or config.data.batch_size
     sample = synthetic_batch(config, 1, "cpu")
-    # uint8 images as float: SimCLR then skips its on-device colour augmentation, which reads
-    # its per-image op order on the host (impossible on meta) and has no matmuls to count
+    # Without its view parameters SimCLR skips the on-device colour augmentation, which reads
+    # each image's op order on the host (impossible on meta) and has no matmuls to count.
     batch = {
-        name: torch.empty(
-            (batch_size, *value.shape[1:]),
-            dtype=torch.float32 if value.dtype == torch.uint8 else value.dtype,
-            device="meta",
-        )
+        name: torch.empty((batch_size, *value.shape[1:]), dtype=value.dtype, device="meta")
         for name, value in sample.items()
+        if not name.startswith("view_params")
     }
     with torch.device("meta"):
         objective, _ = get_objective(config.objective.name).build(config)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pretrain.__main__ import main as pretrain_main
 from pretrain.config import ConfigError, load_config
-from pretrain.data import eval_loader
+from pretrain.data import ensure_demo_data, eval_loader, train_loader
 from pretrain.data.read import collate
 from pretrain.data.view_augment import VIEW_PARAMS
 from pretrain.data.write import write_captions, write_imagefolder
@@ -33,7 +33,7 @@ TINY_TEXT = [
 # --- data: two views, captions ------------------------------------------------------------------
 
 
-def test_simclr_transform_gives_two_different_uint8_crops_and_their_colour_params():
+def test_simclr_transform_gives_two_different_crops_and_their_colour_params():
     config = load_config(None, ["objective.name=simclr"])
     transform = simclr_train_transform(config)
     image = Image.new("RGB", (32, 32), (200, 40, 40))
@@ -41,7 +41,6 @@ def test_simclr_transform_gives_two_different_uint8_crops_and_their_colour_param
     torch.manual_seed(0)
     out = transform({"image": image, "label": 3})
     assert out["image"].shape == out["image2"].shape == (3, 32, 32) and out["label"] == 3
-    assert out["image"].dtype == torch.uint8
     assert out["view_params"].shape == out["view_params2"].shape == (VIEW_PARAMS,)
     assert not torch.equal(out["image"], out["image2"])
     torch.manual_seed(0)
@@ -49,7 +48,30 @@ def test_simclr_transform_gives_two_different_uint8_crops_and_their_colour_param
     assert all(torch.equal(out[key], again[key]) for key in out if key != "label")
 
 
-def test_simclr_objective_augments_uint8_views_on_its_device_and_blurs_by_image_size():
+def test_simclr_loader_batches_hold_normalized_float_views(demo_dir):
+    config = load_config(None, ["objective.name=simclr"])
+    shards = ensure_demo_data(demo_dir, 256, 64, 32, seed=0, progress=False)["train"]
+    loader = train_loader(
+        shards,
+        simclr_train_transform(config),
+        batch_size=8,
+        steps_per_epoch=1,
+        epoch=0,
+        seed=0,
+        rank=0,
+        world_size=1,
+        num_workers=0,
+        shuffle_buffer=16,
+    )
+    (batch,) = list(loader)
+    for key in ("image", "image2"):
+        assert batch[key].dtype == torch.float32 and batch[key].shape == (8, 3, 32, 32)
+        # ImageNet-normalized pixels of [0, 1] images: within [-2.2, 2.7]
+        assert -2.2 < batch[key].min() and batch[key].max() < 2.7
+    assert batch["view_params"].shape == (8, VIEW_PARAMS)
+
+
+def test_simclr_objective_augments_views_on_its_device_and_blurs_by_image_size():
     small = build_objective(load_config(None, ["objective.name=simclr", TINY_VIT]))[0]
     large = build_objective(
         load_config(None, ["objective.name=simclr", TINY_VIT, "data.image_size=224"])
@@ -64,9 +86,13 @@ def test_simclr_objective_augments_uint8_views_on_its_device_and_blurs_by_image_
     transform = simclr_train_transform(load_config(None, ["objective.name=simclr"]))
     torch.manual_seed(0)
     images = [Image.new("RGB", (40, 36), (10 * i, 200 - 20 * i, 90)) for i in range(4)]
-    batch = collate([transform({"image": image, "key": str(i)}) for i, image in enumerate(images)])
+    samples = [transform({"image": image, "key": str(i)}) for i, image in enumerate(images)]
+    batch = transform.finish_batch(collate(samples))
     out = small(batch)
     assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
+    # without the parameters the views go to the encoder as they are: another loss
+    plain = {key: value for key, value in batch.items() if not key.startswith("view_params")}
+    assert not torch.allclose(small(plain)["loss"], out["loss"])
 
 
 def _three_class_folder(root):

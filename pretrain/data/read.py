@@ -337,6 +337,18 @@ def collate(samples: list[dict]) -> dict:
     return batch
 
 
+class _CollateAndFinish:
+    """collate, then the sample transform's `finish_batch(batch)` when it has one: work that is
+    cheaper once per batch than once per sample (uint8 crops -> normalized float32)."""
+
+    def __init__(self, transform: Callable):
+        self.finish = getattr(transform, "finish_batch", None)
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = collate(samples)
+        return self.finish(batch) if self.finish is not None else batch
+
+
 def _same_fields(samples: Iterator[dict], counter: SkipCounter) -> Iterator[dict]:
     """Drop (and count) samples whose fields differ from the stream's first sample.
 
@@ -458,7 +470,10 @@ class _TrainStream(IterableDataset):
         decoded = wds.map(decode_sample, handler=counter)(kept)
         transformed = wds.map(_Transform(self.transform, counter, seeds), handler=counter)(decoded)
         complete = _same_fields(transformed, counter)
-        batches = wds.batched(self.batch_size, collation_fn=collate, partial=False)(complete)
+        batching = wds.batched(
+            self.batch_size, collation_fn=_CollateAndFinish(self.transform), partial=False
+        )
+        batches = batching(complete)
         yield from _with_skip_reports(itertools.islice(batches, remaining), worker, counter)
 
 
@@ -484,7 +499,10 @@ class _EvalStream(IterableDataset):
         decoded = wds.map(decode_sample, handler=counter)(raw)
         transformed = wds.map(_Transform(self.transform, counter, None), handler=counter)(decoded)
         complete = _same_fields(transformed, counter)
-        batches = wds.batched(self.batch_size, collation_fn=collate, partial=True)(complete)
+        batching = wds.batched(
+            self.batch_size, collation_fn=_CollateAndFinish(self.transform), partial=True
+        )
+        batches = batching(complete)
         yield from _with_skip_reports(batches, worker, counter)
 
 

@@ -21,6 +21,7 @@ from pretrain.data.view_augment import (
     PARAM_DRAWS,
     blur_probability,
     draw_view_params,
+    normalize_pixels,
     random_crop_box,
 )
 
@@ -30,33 +31,55 @@ CROP_ASPECT_RATIOS = (3 / 4, 4 / 3)  # RandomResizedCrop's default range
 VIEW_DRAWS = CROP_DRAWS + 1 + PARAM_DRAWS  # uniforms one SimCLR view uses: crop, flip, colours
 
 
+def normalize_batch(
+    batch: dict, keys: Sequence[str], mean: Sequence[float], std: Sequence[float]
+) -> dict:
+    """batch[key] uint8 [B, 3, H, W] -> float32 normalized, for each key, the whole batch at once
+    (per image, ToTensor + Normalize cost more than the crop itself at 32 px)."""
+    mean_tensor, std_tensor = torch.tensor(mean), torch.tensor(std)
+    for key in keys:
+        batch[key] = normalize_pixels(batch[key], mean_tensor, std_tensor)
+    return batch
+
+
 class ImageTransform:
     """Applies an image transform to sample["image"]; passes "label" through when present.
 
+    With `normalize=(mean, std)` the image transform returns uint8 and the reader normalizes the
+    collated batch (finish_batch), so batches hold float32 normalized images either way.
     A class rather than a closure so it pickles (DataLoader workers may be spawned).
     """
 
-    def __init__(self, image_transform: Callable):
+    def __init__(
+        self,
+        image_transform: Callable,
+        normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+    ):
         self.image_transform = image_transform
+        self.normalize = normalize
 
     def __call__(self, sample: dict) -> dict:
-        out = {"image": self.image_transform(sample["image"])}  # [3, H, W] float or uint8
+        out = {"image": self.image_transform(sample["image"])}  # [3, H, W], float or uint8
         if "label" in sample:
             out["label"] = sample["label"]
         return out
 
+    def finish_batch(self, batch: dict) -> dict:
+        if self.normalize is None:
+            return batch
+        return normalize_batch(batch, ["image"], *self.normalize)
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.image_transform})"
+        return f"{type(self).__name__}({self.image_transform}, normalize={self.normalize})"
 
 
 class CropFlip:
     """Random resized crop and horizontal flip: PIL image -> uint8 [3, size, size].
 
-    One PIL resize with a source box does the crop and the resize; the result stays uint8, and
-    the objective normalizes on its device (pretrain/data/view_augment.py: normalize_pixels).
-    On this project's 2-core CPU that cut MAE's per-image transform from about 0.42 ms
-    (torchvision crop, ToTensor, Normalize) to about 0.1 ms, and a batch crosses from the
-    worker in a quarter of the bytes.
+    One PIL resize with a source box does the crop and the resize; the result stays uint8 and
+    is normalized a batch at a time (ImageTransform.finish_batch). On this project's 2-core CPU
+    that cut MAE's per-image transform from about 0.42 ms (torchvision crop, ToTensor,
+    Normalize) to about 0.1 ms.
     """
 
     def __init__(
@@ -91,10 +114,15 @@ class CropFlip:
         )
 
 
-def mae_train_transform(image_size: int, scale: tuple[float, float] = (0.2, 1.0)) -> ImageTransform:
-    """MAE pretraining augmentation: random resized crop (bicubic) and horizontal flip, as uint8;
-    the MAE objective normalizes on its device."""
-    return ImageTransform(CropFlip(image_size, scale, Image.Resampling.BICUBIC))
+def mae_train_transform(
+    image_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    scale: tuple[float, float] = (0.2, 1.0),
+) -> ImageTransform:
+    """MAE pretraining augmentation: random resized crop (bicubic), horizontal flip, normalize
+    (per batch)."""
+    return ImageTransform(CropFlip(image_size, scale, Image.Resampling.BICUBIC), (mean, std))
 
 
 def eval_transform(
@@ -126,11 +154,12 @@ def eval_transform(
 
 
 class SimCLRViews:
-    """SimCLR sample transform (Chen et al., 2020, appendix A), the per-image half: two random
-    resized crops with horizontal flips, as uint8 [3, H, W], and each view's colour parameters
-    ([VIEW_PARAMS] float32). The colour jitter, grayscale, blur and normalization are applied
-    batched on the training device by the objective (pretrain/data/view_augment.py): in PIL they
-    cost a loader worker 2.3 ms an image on this project's CPU, which starved the step.
+    """SimCLR sample transform (Chen et al., 2020, appendix A), the loader's half: two random
+    resized crops with horizontal flips (uint8 [3, H, W] per sample, normalized float32 per
+    batch) and each view's colour parameters ([VIEW_PARAMS] float32, "view_params" and
+    "view_params2"). The colour jitter, grayscale and blur are applied batched on the training
+    device by the objective (pretrain/data/view_augment.py): in PIL they cost a loader worker
+    2.3 ms an image on this project's CPU, which starved the step.
 
     Each view takes VIEW_DRAWS uniforms in one call of the torch RNG (seeded per sample by the
     reader): crop, flip, colour parameters; view 1 first.
@@ -164,6 +193,9 @@ class SimCLRViews:
             draws[CROP_DRAWS + 1 :],
         )
         return pixels, params
+
+    def finish_batch(self, batch: dict) -> dict:
+        return normalize_batch(batch, ["image", "image2"], IMAGENET_MEAN, IMAGENET_STD)
 
     def __call__(self, sample: dict) -> dict:
         image, params = self.view(sample["image"])

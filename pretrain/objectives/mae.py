@@ -11,8 +11,6 @@ from einops import rearrange
 from timm.models import checkpoint_seq
 
 from pretrain.config import Config, MAEConfig
-from pretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from pretrain.data.view_augment import normalize_pixels
 from pretrain.models.encoder import ModelError, encoder_from_config
 from pretrain.models.mae_decoder import MAEDecoder
 from pretrain.models.position import sincos_2d
@@ -44,9 +42,6 @@ class MAE(nn.Module):
             depth=settings.decoder_depth,
             heads=settings.decoder_heads,
         )
-        # uint8 crops from the loader are normalized here, on the device; not in checkpoints
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD), persistent=False)
 
     def _fix_encoder_positions(self) -> None:
         """Fixed sin-cos positions in the encoder's own pos_embed (exported with the weights)."""
@@ -138,18 +133,11 @@ class MAE(nn.Module):
         per_patch = ((prediction - target) ** 2).mean(dim=-1)  # [N, L]
         return (per_patch * mask).sum() / mask.sum()
 
-    def pixels(self, images: torch.Tensor) -> torch.Tensor:
-        """Batch images as the encoder takes them: uint8 [N, 3, H, W] from the train loader
-        (mae_train_transform) -> normalized float; float images (normalized) pass as they are."""
-        if images.dtype == torch.uint8:
-            return normalize_pixels(images, self.pixel_mean, self.pixel_std)
-        return images
-
     def no_weight_decay(self) -> set[str]:
         return {"decoder.mask_token"}
 
     def forward(self, batch: dict) -> dict:
-        images = self.pixels(batch["image"])  # [N, 3, H, W] normalized
+        images = batch["image"]
         latent, mask, ids_restore = self.encode_visible(images)
         prediction = self.decoder(latent, ids_restore)  # [N, L, p*p*C]
         return {"loss": self.reconstruction_loss(images, prediction, mask)}
@@ -163,7 +151,7 @@ class MAE(nn.Module):
         Returns {"reconstruction": [count, 3, C, H, W]} (rows x columns of images) in normalized
         image space; the engine undoes the normalization when it writes the grid.
         """
-        images = self.pixels(batch["image"][:count])
+        images = batch["image"][:count]
         latent, mask, ids_restore = self.encode_visible(images)
         prediction = self.decoder(latent, ids_restore)
         if self.norm_pix_loss:  # predictions are in per-patch normalized units: undo with targets

@@ -22,9 +22,9 @@ NEGATIVES = ("global", "local")
 
 
 class SimCLR(nn.Module):
-    """Views arrive from the loader as uint8 crops with their colour parameters (SimCLRViews);
-    the colour jitter, grayscale, blur and normalization run here, batched on the device. Float
-    views (already augmented and normalized) go to the encoder as they are."""
+    """Views arrive from the loader as normalized crops with their colour parameters
+    (SimCLRViews); the colour jitter, grayscale and blur run here, batched on the device. Views
+    without parameters (already augmented) go to the encoder as they are."""
 
     def __init__(self, encoder: nn.Module, settings: SimCLRConfig, image_size: int):
         super().__init__()
@@ -52,7 +52,7 @@ class SimCLR(nn.Module):
 
     def forward(self, batch: dict) -> dict:
         views = torch.cat([batch["image"], batch["image2"]])  # (2B, 3, H, W): one encoder pass
-        if views.dtype == torch.uint8:
+        if "view_params" in batch:  # from SimCLRViews: colours still to be applied
             params = torch.cat([batch["view_params"], batch["view_params2"]])  # (2B, P)
             with torch.autocast(views.device.type, enabled=False):  # pixels in fp32, even blur
                 views = augment_views(
