@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     arguments.add_argument("--shards", default=str(DEFAULT_SHARDS))
     arguments.add_argument("--objectives", default="mae,simclr,clip")
     arguments.add_argument("--workers", default="1,2", help="loader worker counts to measure")
-    arguments.add_argument("--batches", type=int, default=24, help="batches per loader run")
+    arguments.add_argument("--batches", type=int, default=48, help="batches per loader run")
     arguments.add_argument("--stage-samples", type=int, default=512)
     arguments.add_argument(
         "--steps", type=int, default=8, help="timed training steps, before and after the loader"
