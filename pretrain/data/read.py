@@ -8,7 +8,8 @@
 
 Batches are dicts: "image" [B, 3, H, W] float, "label" [B] int64 when the shards are labelled,
 "key" list[str], plus whatever else the sample transform returns (ints -> int64 [B], floats ->
-float32 [B], tensors stacked, strings -> lists).
+float32 [B], tensors stacked, strings -> lists). A transform with a `finish_batch(batch)` method
+gets each collated batch for work cheaper done once per batch (normalizing uint8 crops).
 
 Ranks are given explicitly (never read from torch.distributed or the environment, as
 webdataset's split_by_node does), and these loaders must not go through accelerator.prepare,
