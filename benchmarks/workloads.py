@@ -114,8 +114,11 @@ def synthetic_batch(config: Config, batch_size: int, device, seed: int = 0) -> d
     batch = collate([samples[index % len(samples)] for index in range(batch_size)])
     if hasattr(transform, "finish_batch"):  # as the reader does: e.g. normalize uint8 crops
         batch = transform.finish_batch(batch)
+    # tensors to the device, the rest (keys, SimCLR's colour-op group sizes) as they are: as the
+    # engine moves a batch
     return {
-        name: value.to(device) for name, value in batch.items() if isinstance(value, torch.Tensor)
+        name: value.to(device) if isinstance(value, torch.Tensor) else value
+        for name, value in batch.items()
     }
 
 
@@ -229,12 +232,12 @@ def step_flops(config: Config, batch_size: int | None = None) -> int:
     real CPU step instead."""
     batch_size = batch_size or config.data.batch_size
     sample = synthetic_batch(config, 1, "cpu")
-    # Without its view parameters SimCLR skips the on-device colour augmentation, which reads
-    # each image's op order on the host (impossible on meta) and has no matmuls to count.
+    # Without its view_* keys SimCLR skips the on-device colour augmentation, which selects rows
+    # by data (impossible on meta) and has no matmuls to count.
     batch = {
         name: torch.empty((batch_size, *value.shape[1:]), dtype=value.dtype, device="meta")
         for name, value in sample.items()
-        if not name.startswith("view_params")
+        if isinstance(value, torch.Tensor) and not name.startswith("view_")
     }
     with torch.device("meta"):
         objective, _ = get_objective(config.objective.name).build(config)

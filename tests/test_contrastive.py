@@ -90,6 +90,9 @@ def test_simclr_objective_augments_views_on_its_device_and_blurs_by_image_size()
     batch = transform.finish_batch(collate(samples))
     out = small(batch)
     assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
+    # the colour-op groups from the worker and those worked out in the step agree
+    regrouped = {key: value for key, value in batch.items() if not key.startswith("view_jitter")}
+    assert torch.allclose(small(regrouped)["loss"], out["loss"])
     # without the parameters the views go to the encoder as they are: another loss
     plain = {key: value for key, value in batch.items() if not key.startswith("view_params")}
     assert not torch.allclose(small(plain)["loss"], out["loss"])

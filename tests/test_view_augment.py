@@ -55,7 +55,8 @@ def test_augment_views_follows_each_images_own_order_then_gray_blur_normalize():
     assert len(orders) > 5  # the test covers many different orders
     mean, std = torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.3, 0.25])
     normalized = va.normalize_pixels(pixels, mean, std)  # as the loader's batches hold them
-    out = va.augment_views(normalized, params, mean, std, blur_kernel=3)
+    groups = va.jitter_groups(params)
+    out = va.augment_views(normalized, params, mean, std, blur_kernel=3, groups=groups)
     for image, row, augmented in zip(pixels, params, out):
         expected = image.float() / 255
         if row[va.JITTER_APPLIED] > 0:

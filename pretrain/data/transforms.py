@@ -21,6 +21,7 @@ from pretrain.data.view_augment import (
     PARAM_DRAWS,
     blur_probability,
     draw_view_params,
+    jitter_groups,
     normalize_pixels,
     random_crop_box,
 )
@@ -195,7 +196,13 @@ class SimCLRViews:
         return pixels, params
 
     def finish_batch(self, batch: dict) -> dict:
-        return normalize_batch(batch, ["image", "image2"], IMAGENET_MEAN, IMAGENET_STD)
+        """Normalizes both views and adds the colour-op groups of the 2B views in the order the
+        objective stacks them (image, then image2): "view_jitter_rows" [4, 2B] and
+        "view_jitter_sizes" (a list, so it stays on the host)."""
+        batch = normalize_batch(batch, ["image", "image2"], IMAGENET_MEAN, IMAGENET_STD)
+        params = torch.cat([batch["view_params"], batch["view_params2"]])
+        batch["view_jitter_rows"], batch["view_jitter_sizes"] = jitter_groups(params)
+        return batch
 
     def __call__(self, sample: dict) -> dict:
         image, params = self.view(sample["image"])

@@ -204,34 +204,49 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -
     return flat.view(count, channels, height, width)
 
 
+def jitter_groups(params: torch.Tensor) -> tuple[torch.Tensor, list[list[int]]]:
+    """Which images run which colour op at each of the four positions, from params on the CPU
+    ([N, VIEW_PARAMS]): rows [4, N] int64 (per position, the image indices sorted by op, images
+    without jitter last) and sizes [4][4] (how many images run op k at position p). The loader's
+    worker computes them (SimCLRViews.finish_batch), so the step slices `rows` with bounds the
+    host already knows and never waits for the device."""
+    jittered = params[:, JITTER_APPLIED] > 0
+    none = len(COLOR_OPS)  # sorts after every op
+    ops = torch.where(jittered.unsqueeze(1), params[:, ORDER].long(), none)  # [N, 4]
+    rows = torch.argsort(ops.T, dim=1, stable=True)  # [4, N]
+    sizes = [torch.bincount(ops[:, p], minlength=none + 1)[:none].tolist() for p in range(4)]
+    return rows, sizes
+
+
 def augment_views(
     images: torch.Tensor,
     params: torch.Tensor,
     mean: torch.Tensor,
     std: torch.Tensor,
     blur_kernel: int,
+    groups: tuple[torch.Tensor, list[list[int]]],
 ) -> torch.Tensor:
     """Normalized crops [N, 3, H, W] + params [N, VIEW_PARAMS] -> normalized augmented crops.
 
     The colour ops work on pixels in [0, 1]: the normalization (mean, std: [3]) is undone first
     and redone last. Colour jitter applies its four ops in each image's own order: at each of the
-    four positions, each op runs on the images that have it there. Which those are is read on
-    the host: one copy of [N, 9] small numbers from the device per batch. Then grayscale, then
-    blur, as in torchvision's Compose of the SimCLR recipe. blur_kernel 0 leaves blur out.
+    four positions, each op runs on the images that have it there (`groups`, from jitter_groups).
+    Then grayscale, then blur, as in torchvision's Compose of the SimCLR recipe. blur_kernel 0
+    leaves blur out.
     """
     mean, std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
     images = (images * std + mean).clamp_(0, 1)
     params = params.to(device=images.device, dtype=images.dtype)
-    on_host = params[:, : ORDER.stop].cpu()  # [N, 9]: applied flag, factors, order
-    jittered = on_host[:, JITTER_APPLIED] > 0
-    order = on_host[:, ORDER].long()  # [N, 4]
+    rows_by_position, sizes = groups
+    rows_by_position = rows_by_position.to(images.device, non_blocking=True)
     for position in range(4):
+        start = 0
         for op_index, op in enumerate(COLOR_OPS):
-            rows = (jittered & (order[:, position] == op_index)).nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
-            rows = rows.to(images.device)
-            images[rows] = op(images[rows], params[rows, BRIGHTNESS + op_index])
+            count = sizes[position][op_index]
+            rows = rows_by_position[position, start : start + count]
+            start += count
+            if count:
+                images[rows] = op(images[rows], params[rows, BRIGHTNESS + op_index])
     gray = params[:, GRAYSCALE].view(-1, 1, 1, 1) > 0
     images = torch.where(gray, grayscale(images).expand_as(images), images)
     if blur_kernel > 0:

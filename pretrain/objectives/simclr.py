@@ -12,7 +12,12 @@ import torch.nn as nn
 
 from pretrain.config import Config, ConfigError, SimCLRConfig
 from pretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SimCLRViews
-from pretrain.data.view_augment import augment_views, blur_kernel_size, blur_probability
+from pretrain.data.view_augment import (
+    augment_views,
+    blur_kernel_size,
+    blur_probability,
+    jitter_groups,
+)
 from pretrain.distributed import gather_global_batch
 from pretrain.losses import nt_xent, retrieval_stats
 from pretrain.models.encoder import encoder_from_config
@@ -50,14 +55,24 @@ class SimCLR(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD), persistent=False)
 
+    @torch.compiler.disable  # data-dependent row selection; ints from the host as inputs
+    def views(self, batch: dict) -> torch.Tensor:
+        """Both views stacked, (2B, 3, H, W), colour-augmented when the batch carries parameters."""
+        views = torch.cat([batch["image"], batch["image2"]])
+        if "view_params" not in batch:  # already augmented
+            return views
+        params = torch.cat([batch["view_params"], batch["view_params2"]])  # (2B, P)
+        if "view_jitter_rows" in batch:  # the loader's worker grouped the views by colour op
+            groups = batch["view_jitter_rows"], batch["view_jitter_sizes"]
+        else:  # a batch assembled without SimCLRViews.finish_batch: one read back to the host
+            groups = jitter_groups(params.cpu())
+        with torch.autocast(views.device.type, enabled=False):  # pixels in fp32, even blur
+            return augment_views(
+                views, params, self.pixel_mean, self.pixel_std, self.blur_kernel, groups
+            )
+
     def forward(self, batch: dict) -> dict:
-        views = torch.cat([batch["image"], batch["image2"]])  # (2B, 3, H, W): one encoder pass
-        if "view_params" in batch:  # from SimCLRViews: colours still to be applied
-            params = torch.cat([batch["view_params"], batch["view_params2"]])  # (2B, P)
-            with torch.autocast(views.device.type, enabled=False):  # pixels in fp32, even blur
-                views = augment_views(
-                    views, params, self.pixel_mean, self.pixel_std, self.blur_kernel
-                )
+        views = self.views(batch)  # (2B, 3, H, W): one encoder pass
         z1, z2 = self.projection(self.encoder(views)).chunk(2)  # (B, D) each
         if self.global_negatives:
             (z1_all, z2_all), offset = gather_global_batch(z1, z2)  # (N, D) each, rank order
