@@ -25,8 +25,8 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check pretrain finetune tests
-	$(BIN)/ruff format --check pretrain finetune tests
+	$(BIN)/ruff check pretrain finetune tests benchmarks
+	$(BIN)/ruff format --check pretrain finetune tests benchmarks
 
 clean:
 	rm -rf runs data_cache .pytest_cache

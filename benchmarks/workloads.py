@@ -1,33 +1,34 @@
 """What the benchmarks measure: one objective's training step at one config, on synthetic data.
 
 A workload is built from a project config exactly as the engine builds a run (objective from the
-registry, optimizer groups from pretrain.optim, lr = blr x batch / 256), and its step does what
-one step of pretrain.engine does on one process: forward, backward, grad norm (clip_grad_norm_,
-which the engine calls every step), optimizer step, zero_grad, and optionally the per-step
-finite check that makes the host wait. The batch comes from the objective's own train transform
-applied to random images, so it has exactly the keys, shapes and dtypes of real training.
-Data loading is measured separately (benchmarks/loader.py).
+registry, optimizer groups and lr rule from pretrain.optim), and its step is the engine's own
+(pretrain.step.optimizer_step) on one process: forward, backward, grad norm, the per-step finite
+check that makes the host wait (optional, to measure its cost), optimizer step, zero_grad. The
+batch comes from the objective's own train transform applied to random images, so it has
+exactly the keys, shapes and dtypes of real training. Data loading is measured separately
+(benchmarks/loader.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
+from accelerate import Accelerator
 from PIL import Image
 
 from benchmarks.harness import ROOT
 from benchmarks.measure import count_flops
 from pretrain.config import Config, load_config
-from pretrain.data.read import collate
-from pretrain.engine import optimizer_phases
-from pretrain.objectives import get_objective
-from pretrain.optim import build_optimizer, no_weight_decay_names
+from pretrain.data import collate
+from pretrain.objectives import PhasedObjective, get_objective
+from pretrain.optim import build_optimizer, no_weight_decay_names, optimizer_phases, scaled_lr
+from pretrain.step import optimizer_step
 
 CONFIG_DIR = ROOT / "configs" / "pretrain"
 # The paper recipes in configs/pretrain for the objectives that have one.
@@ -136,17 +137,15 @@ class Workload:
     mixed_precision: str = "no"  # "bf16" on GPU: autocast around the forward, as the engine
     host_sync: bool = True  # the engine's per-step finite check waits for the device
     optimizer: str = "project"  # project: pretrain.optim's choice; or foreach, fused, forloop
-    # clip_grad_norm_ with max_norm=inf (what the engine does when train.clip_grad is unset: the
-    # norm is computed and every gradient multiplied by 1), or "total_norm": the norm only
-    grad_norm: str = "clip_grad_norm"
     phases: dict = field(init=False)
     optimizers: list = field(init=False)
 
     def __post_init__(self):
         self.objective.to(self.device).train()
         self.phases = optimizer_phases(self.objective)  # {phase: [(name, parameter)]}
-        self.phased = hasattr(self.objective, "optimizer_phases")
-        lr = self.config.optimizer.lr or self.config.optimizer.blr * self.images / 256
+        self.phased = isinstance(self.objective, PhasedObjective)
+        self.lr = scaled_lr(self.config.optimizer.blr, self.config.optimizer.lr, self.images)
+        lr = self.lr
         skip = no_weight_decay_names(self.objective)
         self.optimizers = [
             self._optimizer(build_optimizer(named, skip, self.config.optimizer, lr))
@@ -182,32 +181,36 @@ class Workload:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _forward(self, phase: str) -> torch.Tensor:
+    def _outputs(self, batch: dict, phase: str) -> dict:
         arguments = {"phase": phase} if self.phased else {}
         with self.autocast():
-            return self.objective(self.batch, **arguments)["loss"]
+            return self.objective(batch, **arguments)
 
     def step(self) -> None:
-        for (phase, named), optimizer in zip(self.phases.items(), self.optimizers):
-            loss = self._forward(phase)
-            loss.backward()
-            parameters = [p for _, p in named]
-            if self.grad_norm == "total_norm":
-                norm = torch.nn.utils.get_total_norm(
-                    [p.grad for p in parameters if p.grad is not None]
-                )
-            else:
-                norm = torch.nn.utils.clip_grad_norm_(parameters, math.inf)
-            if self.host_sync:
-                bool(torch.isfinite(loss) & torch.isfinite(norm))  # the host waits, as the engine
-            optimizer.step()
-            self.objective.zero_grad(set_to_none=True)
+        """One optimizer step of the engine (pretrain.step), on this workload's batch."""
+        optimizer_step(
+            _accelerator(self.device.type),
+            self.objective,
+            self.phases,
+            self.optimizers,
+            [self.batch],
+            self._outputs,
+            self.lr,
+            check_finite=self.host_sync,
+        )
 
     def forward_backward(self) -> None:
         """The counted part of a step (FLOPs): every phase's forward and backward."""
         for phase in self.phases:
-            self._forward(phase).backward()
+            self._outputs(self.batch, phase)["loss"].backward()
             self.objective.zero_grad(set_to_none=True)
+
+
+@functools.cache
+def _accelerator(device_type: str) -> Accelerator:
+    """The single-process Accelerator that optimizer_step works through (fp32: a workload
+    applies its own autocast)."""
+    return Accelerator(cpu=device_type != "cuda", mixed_precision="no")
 
 
 def build(

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from pretrain.config import ConfigError, apply_file, apply_overrides, apply_value, to_dict
+from pretrain.errors import ConfigError
+from pretrain.settings import apply_file, apply_overrides, apply_value, to_dict
 
 MODES = ("linear", "knn", "full", "zeroshot")
 
 
 @dataclass
-class DataSettings:
+class DataConfig:
     # Shard specs (see pretrain.data.expand_shards). Empty: the pretraining run's own
     # data.train_shards / data.val_shards, else the embedded demo data.
     train_shards: str = ""
@@ -29,14 +31,14 @@ class DataSettings:
     # features a seeded subset of exactly N of them (the same on any process count).
     train_samples: int = 0
     classes: list = field(default_factory=list)  # class names; empty: the shard index's
-    pool: str = "avg"  # frozen features: "avg" (mean of patch tokens) or "cls" (class token)
+    pool: Literal["avg", "cls"] = "avg"  # features: mean of patch tokens, or the class token
     cache_dir: str = ""  # feature cache; empty: <output>/features
     cache: bool = True
     allow_pipe: bool = False
 
 
 @dataclass
-class LinearSettings:
+class LinearConfig:
     """MAE recipe: BatchNorm1d(affine=False) + Linear on frozen features, SGD, cosine."""
 
     epochs: int = 100
@@ -47,7 +49,7 @@ class LinearSettings:
 
 
 @dataclass
-class KnnSettings:
+class KnnConfig:
     """Weighted kNN on L2-normalised features (Wu et al. 2018, as used by DINO)."""
 
     k: int = 20
@@ -55,7 +57,7 @@ class KnnSettings:
 
 
 @dataclass
-class FullSettings:
+class FullConfig:
     """End-to-end finetuning (MAE/BEiT recipe); lr = blr * global batch / 256."""
 
     epochs: int = 10
@@ -74,15 +76,19 @@ class FullSettings:
     crop_scale_min: float = 0.08  # RandomResizedCrop scale (crop_scale_min, 1)
     auto_augment: str | None = None  # timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1
     clip_grad: float | None = None
+    grad_accum: int = 1  # micro-batches per optimizer step (global batch x this)
+    # A step whose loss or gradients are NaN/Inf on any process is skipped; this many in a row
+    # stop the run (0: never stop).
+    max_nonfinite_steps: int = 20
     steps_per_epoch: int = 0  # 0: train samples / global batch (needs the shard index counts)
     shuffle_buffer: int = 1000
-    mixed_precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU
     keep_checkpoints: int = 1
     seed: int = 0
 
 
 @dataclass
-class ZeroShotSettings:
+class ZeroShotConfig:
     # "{}" is replaced by the class name; the class embedding is the mean over templates.
     templates: list = field(
         default_factory=lambda: ["a photo of a {}.", "a {}.", "an image of a {}."]
@@ -91,21 +97,22 @@ class ZeroShotSettings:
 
 
 @dataclass
-class LoggingSettings:
+class LoggingConfig:
     wandb: bool = True
     wandb_project: str = ""  # empty: the pretraining run's project (else ssl-pretrain)
     wandb_entity: str | None = None
-    wandb_mode: str = "auto"  # auto: online with an API key, offline without
+    # auto: online with an API key, offline without
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
 
 
 @dataclass
 class FinetuneConfig:
-    data: DataSettings = field(default_factory=DataSettings)
-    linear: LinearSettings = field(default_factory=LinearSettings)
-    knn: KnnSettings = field(default_factory=KnnSettings)
-    full: FullSettings = field(default_factory=FullSettings)
-    zeroshot: ZeroShotSettings = field(default_factory=ZeroShotSettings)
-    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+    full: FullConfig = field(default_factory=FullConfig)
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def load_finetune_config(
@@ -125,8 +132,6 @@ def load_finetune_config(
 
 
 def _check(config: FinetuneConfig) -> None:
-    if config.data.pool not in ("avg", "cls"):
-        raise ConfigError(f"data.pool must be avg or cls, got {config.data.pool!r}")
     rates = config.linear.learning_rates
     if not rates or not all(isinstance(rate, (int, float)) and rate > 0 for rate in rates):
         raise ConfigError(f"linear.learning_rates must be positive numbers, got {rates!r}")
@@ -138,8 +143,8 @@ def _check(config: FinetuneConfig) -> None:
     if not all(isinstance(name, str) for name in config.data.classes):
         raise ConfigError("data.classes must be a list of class names")
     full = config.full
-    if full.epochs < 1 or full.batch_size < 1:
-        raise ConfigError("full.epochs and full.batch_size must be at least 1")
+    if full.epochs < 1 or full.batch_size < 1 or full.grad_accum < 1:
+        raise ConfigError("full.epochs, full.batch_size and full.grad_accum must be at least 1")
     if (full.mixup > 0 or full.cutmix > 0) and full.batch_size % 2:
         raise ConfigError("full.mixup/cutmix need an even full.batch_size")
     if not 0 < full.layer_decay <= 1:

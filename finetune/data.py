@@ -15,14 +15,15 @@ from collections.abc import Sequence
 
 from accelerate import Accelerator
 
-from finetune.config import DataSettings
+from finetune.config import DataConfig
 from finetune.encoder import EncoderSource
-from pretrain.config import DataConfig
-from pretrain.data import DataError, ensure_demo_data, expand_shards
+from pretrain.config import DataConfig as PretrainDataConfig
+from pretrain.data import demo_shards, expand_shards
+from pretrain.errors import DataError
 
 
 def resolve_shards(
-    data: DataSettings, source: EncoderSource, accelerator: Accelerator, need_train: bool = True
+    data: DataConfig, source: EncoderSource, accelerator: Accelerator, need_train: bool = True
 ) -> tuple[list[str], list[str]]:
     """(train urls, val urls); train is [] when not needed (zero-shot)."""
     run_data = source.run_config.get("data", {})
@@ -41,18 +42,16 @@ def resolve_shards(
 
 def _demo_shards(accelerator: Accelerator) -> dict:
     """The embedded demo set at the pretraining defaults, written once by the main process."""
-    defaults = DataConfig()
-    arguments = (
+    defaults = PretrainDataConfig()
+    if accelerator.is_main_process:
+        print(f"no shards given: using the demo data in {defaults.demo_dir}", file=sys.stderr)
+    return demo_shards(
+        accelerator,
         defaults.demo_dir,
         defaults.demo_train_samples,
         defaults.demo_val_samples,
         defaults.image_size,
     )
-    if accelerator.is_main_process:
-        print(f"no shards given: using the demo data in {defaults.demo_dir}", file=sys.stderr)
-        ensure_demo_data(*arguments, seed=0)
-    accelerator.wait_for_everyone()
-    return ensure_demo_data(*arguments, seed=0, progress=False)
 
 
 def index_class_names(urls: Sequence[str]) -> list[str] | None:
@@ -72,7 +71,7 @@ def index_class_names(urls: Sequence[str]) -> list[str] | None:
     return None
 
 
-def class_names_for(data: DataSettings, *url_lists: Sequence[str]) -> list[str] | None:
+def class_names_for(data: DataConfig, *url_lists: Sequence[str]) -> list[str] | None:
     if data.classes:
         return list(data.classes)
     for urls in url_lists:

@@ -18,10 +18,12 @@ import yaml
 from safetensors.torch import load_file
 
 from pretrain.checkpoint import EXPORT
-from pretrain.models.encoder import EncoderSpec, ModelError
+from pretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pretrain.errors import ModelError, UserError
+from pretrain.models.encoder import EncoderSpec
 
 
-class EncoderNotFound(ValueError):
+class EncoderNotFound(UserError):
     """--encoder names nothing loadable; one line for the user."""
 
 
@@ -48,11 +50,11 @@ class EncoderSource:
 
     @property
     def mean(self) -> tuple:
-        return tuple(self.card.get("mean", (0.485, 0.456, 0.406)))
+        return tuple(self.card.get("mean", IMAGENET_MEAN))
 
     @property
     def std(self) -> tuple:
-        return tuple(self.card.get("std", (0.229, 0.224, 0.225)))
+        return tuple(self.card.get("std", IMAGENET_STD))
 
     def create(self, random_init: bool, seed: int = 0, **overrides) -> nn.Module:
         """The encoder (eval mode): exported weights, or a fresh seeded init of the same

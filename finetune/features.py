@@ -19,17 +19,25 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from pretrain.data import DataError, count_samples, eval_loader
+from finetune.encoder import set_pooling, weights_fingerprint
+from pretrain.data import count_samples, eval_loader
+from pretrain.data.transforms import eval_transform
 from pretrain.distributed import broadcast_from_main, gather_objects, gather_rows
+from pretrain.errors import DataError
+
+if TYPE_CHECKING:
+    from finetune.job import Job
 
 logger = logging.getLogger(__name__)
 
 GATHER_ROWS = 16384  # rows per all-gather: bounds the device memory a gather needs
+FEATURE_CACHE_VERSION = 1  # bump when extraction changes what the same inputs produce
 
 
 class SampleTransform:
@@ -110,6 +118,22 @@ def extract_features(
     that hold enough (identical on any process count).
     """
     urls = shards_covering(urls, max_samples)
+    local = _encode_local_share(
+        encode, urls, transform, accelerator, batch_size, num_workers, description
+    )
+    result = _gather_everyone(accelerator, local, urls)
+    if 0 < max_samples < len(result):
+        generator = torch.Generator().manual_seed(seed)
+        subset = torch.randperm(len(result), generator=generator)[:max_samples].sort().values
+        result = result.select(subset)
+    return result
+
+
+def _encode_local_share(
+    encode, urls, transform, accelerator: Accelerator, batch_size, num_workers, description
+) -> dict:
+    """This process's share of the shards, encoded: {"features": [n, D] list of batches,
+    "labels", "keys", "captions", "skipped"}."""
     rank, world = accelerator.process_index, accelerator.num_processes
     loader = eval_loader(urls, transform, batch_size, rank, world, num_workers)
     features, labels, keys, captions = [], [], [], []
@@ -132,16 +156,25 @@ def extract_features(
         keys.extend(batch["key"])
         progress.update(len(batch["key"]))
     progress.close()
-    local = {
+    return {"features": features, "labels": labels, "keys": keys, "captions": captions,
+            "skipped": loader.skipped}  # fmt: skip
+
+
+def _gather_everyone(accelerator: Accelerator, local: dict, urls: Sequence[str]) -> FeatureSet:
+    """Every process's rows on every process (no padding rows), sorted by sample key."""
+    features, labels, keys, captions = (
+        local[k] for k in ("features", "labels", "keys", "captions")
+    )
+    described = {
         "count": len(keys),
         "dim": features[0].shape[1] if features else None,
         "labelled": len(labels) == len(features) and bool(features),
         "captioned": len(captions) == len(keys) and bool(keys),
         "keys": keys,
         "captions": captions,
-        "skipped": loader.skipped,
+        "skipped": local["skipped"],
     }
-    everyone = gather_objects(accelerator, local)  # one dict per process, in rank order
+    everyone = gather_objects(accelerator, described)  # one dict per process, in rank order
     with_samples = [part for part in everyone if part["count"]]
     if not with_samples:
         raise DataError(f"no readable samples in {urls[0]}" + (" ..." if len(urls) > 1 else ""))
@@ -162,18 +195,13 @@ def extract_features(
     order = sorted(range(len(all_keys)), key=all_keys.__getitem__)
     if len(set(all_keys)) != len(all_keys):
         logger.warning("duplicate sample keys: their relative order may vary between runs")
-    result = FeatureSet(
+    return FeatureSet(
         all_features,
         all_labels,
         all_keys,
         all_captions,
         skipped=sum(part["skipped"] for part in everyone),
     ).select(torch.tensor(order, dtype=torch.int64))
-    if 0 < max_samples < len(result):
-        generator = torch.Generator().manual_seed(seed)
-        subset = torch.randperm(len(result), generator=generator)[:max_samples].sort().values
-        result = result.select(subset)
-    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,3 +250,81 @@ def cached_features(
         os.replace(temporary, path)  # a reader sees the whole file or none
     accelerator.wait_for_everyone()
     return result, False
+
+
+# ----------------------------------------------------------------------------------------------
+# Frozen features of a job's encoder: linear probe and kNN (both splits), zero-shot (val images)
+
+
+def job_features(
+    job: Job,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    identity: dict,
+    split: str,
+    image_size: int,
+    description: str,
+) -> tuple[FeatureSet, bool]:
+    """The `split` ("train" or "val") features that `encode` gives the job's shards at
+    `image_size` (eval resize and crop), from the cache when it has them. `identity`: what else
+    the features depend on (the weights' fingerprint, pooling, ...)."""
+    data, source, accelerator = job.config.data, job.source, job.accelerator
+    urls = job.train_urls if split == "train" else job.val_urls
+    limit = data.train_samples if split == "train" else 0
+    transform = SampleTransform(
+        eval_transform(image_size, source.mean, source.std, data.crop_fraction).image_transform
+    )
+    identity = {
+        "version": FEATURE_CACHE_VERSION,
+        **identity,
+        "image_size": image_size,
+        "crop_fraction": data.crop_fraction,
+        "shards": shard_fingerprint(urls),
+        "max_samples": limit,
+    }
+    return cached_features(
+        job.cache_dir,
+        identity,
+        accelerator,
+        lambda: extract_features(
+            encode,
+            urls,
+            transform,
+            accelerator,
+            batch_size=data.batch_size,
+            num_workers=data.num_workers,
+            max_samples=limit,
+            description=description,
+        ),
+    )
+
+
+def frozen_features(job: Job, random_init: bool) -> tuple[FeatureSet, FeatureSet, bool]:
+    """Train and val features of the job's frozen encoder (labels required), cached."""
+    data, source, accelerator = job.config.data, job.source, job.accelerator
+    encoder = source.create(random_init=random_init, seed=0)
+    set_pooling(encoder, data.pool)
+    encoder.to(accelerator.device)
+    identity = {
+        "weights": weights_fingerprint(encoder),
+        "pool": data.pool,
+        "mean": list(source.mean),
+        "std": list(source.std),
+    }
+    label = "random-init" if random_init else "pretrained"
+    image_size = data.image_size or source.image_size
+    splits, all_cached = [], True
+    for split in ("train", "val"):
+        features, cached = job_features(
+            job, encoder, identity, split, image_size, f"{label} {split}"
+        )
+        features.require_labels(split)
+        splits.append(features)
+        all_cached = all_cached and cached
+    if accelerator.is_main_process:
+        train, val = splits
+        print(
+            f"{label}: {len(train)} train / {len(val)} val features of width "
+            f"{train.features.shape[1]}{' (cached)' if all_cached else ''}",
+            file=sys.stderr,
+        )
+    return splits[0], splits[1], all_cached

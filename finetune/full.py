@@ -6,16 +6,17 @@ embedding one step below block 0, the final norm with the last block, the head a
 (`drop_path_rate`), label smoothing, optional mixup/cutmix (`timm.data.Mixup`), AdamW, linear
 warmup then cosine in optimizer steps. Runs on any number of processes (Accelerate; the shard
 loaders are split by rank, never passed through `prepare`), saves a checkpoint and evaluates
-on the val shards after every epoch, and exports the finetuned classifier at the end.
+on the val shards after every epoch, and exports the finetuned classifier at the end. Each
+optimizer step is pretraining's own (pretrain.step): gradient accumulation (full.grad_accum),
+clipping, and the skip of non-finite steps on every rank.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
@@ -24,22 +25,25 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from tqdm import tqdm
 
-from finetune.config import DataSettings, FullSettings
-from finetune.encoder import EncoderSource, build_classifier
+from finetune.config import DataConfig, FullConfig
+from finetune.encoder import build_classifier
 from finetune.features import SampleTransform, shards_covering
+from finetune.job import Job
 from finetune.report import Report
 from pretrain.checkpoint import export_encoder, latest_checkpoint, load_checkpoint, save_checkpoint
-from pretrain.config import ConfigError
-from pretrain.data import DataError, count_samples, eval_loader, train_loader
+from pretrain.data import count_samples, eval_loader, train_loader
 from pretrain.data.transforms import ImageTransform, eval_transform
 from pretrain.distributed import mean_across_processes, sum_across_processes
-from pretrain.engine import learning_rate
+from pretrain.errors import ConfigError, DataError
+from pretrain.faults import NonFiniteGuard
+from pretrain.optim import learning_rate, optimizer_phases, scaled_lr
+from pretrain.step import optimizer_step, seed_step
 
 
-def build_optimizer(model: nn.Module, settings: FullSettings, base_lr: float):
-    """AdamW over timm's layer-decay groups; each group keeps its `lr_scale` for
-    `set_learning_rate`. No weight decay on 1-D parameters and the model's no_weight_decay()
-    (position embeddings, class token)."""
+def build_optimizer(model: nn.Module, settings: FullConfig, base_lr: float):
+    """AdamW over timm's layer-decay groups; each group keeps its `lr_scale`, which
+    pretrain.optim.set_learning_rate applies. No weight decay on 1-D parameters and the model's
+    no_weight_decay() (position embeddings, class token)."""
     skip = list(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else []
     groups = param_groups_layer_decay(
         model,
@@ -50,12 +54,7 @@ def build_optimizer(model: nn.Module, settings: FullSettings, base_lr: float):
     return torch.optim.AdamW(groups, lr=base_lr, betas=settings.betas)
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-
-
-def train_transform(settings: FullSettings, image_size: int, mean, std) -> ImageTransform:
+def train_transform(settings: FullConfig, image_size: int, mean, std) -> ImageTransform:
     """timm's training augmentation: random resized crop, flip, colour jitter or RandAugment."""
     return ImageTransform(
         create_transform(
@@ -77,7 +76,7 @@ def evaluate(
     transform,
     accelerator: Accelerator,
     num_classes: int,
-    data: DataSettings,
+    data: DataConfig,
 ) -> tuple[float, float, torch.Tensor]:
     """top-1, top-5 and the confusion matrix [C, C] over all val samples (each exactly once,
     split by process, counts summed)."""
@@ -112,31 +111,28 @@ def evaluate(
     return totals[0].item() / count, totals[1].item() / count, confusion.cpu()
 
 
-def finetune(
-    source: EncoderSource,
-    settings: FullSettings,
-    data: DataSettings,
-    train_urls: list[str],
-    val_urls: list[str],
-    num_classes: int,
-    accelerator: Accelerator,
-    work_dir: Path,
-    report: Report,
-    random_init: bool = False,
-    resume: bool = False,
-) -> tuple[dict, torch.Tensor]:
-    """Train, evaluating and checkpointing (work_dir/checkpoints) after each epoch; export the
-    classifier to work_dir/export. Returns (result, last confusion matrix [C, C])."""
-    started = time.perf_counter()
-    is_main, rank, world = (
-        accelerator.is_main_process,
-        accelerator.process_index,
-        accelerator.num_processes,
-    )
+@dataclass
+class _Plan:
+    """A finetuning run's sizes and inputs, settled before anything is built."""
+
+    train_urls: list[str]  # whole shards covering data.train_samples
+    train_samples: int | None  # per the shard indexes
+    image_size: int
+    global_batch: int  # batch_size x processes x grad_accum
+    steps_per_epoch: int  # optimizer steps
+    warmup_steps: int
+    total_steps: int  # over all epochs
+    base_lr: float
+    sample_transform: ImageTransform
+    val_transform: SampleTransform
+
+
+def _plan(job: Job) -> _Plan:
+    settings, data, source = job.config.full, job.config.data, job.source
     image_size = data.image_size or source.image_size
-    train_urls = shards_covering(train_urls, data.train_samples)  # whole shards, no subset
+    train_urls = shards_covering(job.train_urls, data.train_samples)  # whole shards, no subset
     train_samples = count_samples(train_urls)
-    global_batch = settings.batch_size * world
+    global_batch = settings.batch_size * job.accelerator.num_processes * settings.grad_accum
     steps_per_epoch = settings.steps_per_epoch or (train_samples or 0) // global_batch
     if steps_per_epoch < 1:
         raise ConfigError(
@@ -144,23 +140,69 @@ def finetune(
             if train_samples is None
             else f"{train_samples} train samples make no full global batch of {global_batch}"
         )
+    val_transform = SampleTransform(
+        eval_transform(image_size, source.mean, source.std, data.crop_fraction).image_transform
+    )
+    return _Plan(
+        train_urls=train_urls,
+        train_samples=train_samples,
+        image_size=image_size,
+        global_batch=global_batch,
+        steps_per_epoch=steps_per_epoch,
+        warmup_steps=round(settings.warmup_epochs * steps_per_epoch),
+        total_steps=settings.epochs * steps_per_epoch,
+        base_lr=scaled_lr(settings.blr, settings.lr, global_batch),
+        sample_transform=train_transform(settings, image_size, source.mean, source.std),
+        val_transform=val_transform,
+    )
+
+
+class _Criterion:
+    """The training loss of a batch: mixup/cutmix when on (soft targets), label smoothing."""
+
+    def __init__(self, settings: FullConfig, num_classes: int):
+        self.mixup = None
+        if settings.mixup > 0 or settings.cutmix > 0:
+            self.mixup = Mixup(
+                mixup_alpha=settings.mixup,
+                cutmix_alpha=settings.cutmix,
+                label_smoothing=settings.label_smoothing,
+                num_classes=num_classes,
+            )
+            self.loss = SoftTargetCrossEntropy()  # mixup's targets are soft and already smoothed
+        else:
+            self.loss = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
+
+    def __call__(self, model: nn.Module, batch: dict, accelerator: Accelerator) -> torch.Tensor:
+        if "label" not in batch:
+            raise DataError("the train shards carry no class labels (cls)")
+        images = batch["image"].to(accelerator.device, non_blocking=True)
+        targets = batch["label"].to(accelerator.device, non_blocking=True)
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)  # targets: [B, C] soft
+        with accelerator.autocast():
+            return self.loss(model(images), targets)
+
+
+def finetune(job: Job, random_init: bool, report: Report) -> tuple[dict, torch.Tensor]:
+    """Train, evaluating and checkpointing (OUTPUT/<result name>/checkpoints) after each epoch;
+    export the classifier to OUTPUT/<result name>/export. Returns (result, last confusion
+    matrix [C, C])."""
+    started = time.perf_counter()
+    settings, accelerator = job.config.full, job.accelerator
+    num_classes, work_dir = len(job.class_names), job.output_dir / report.name
+    plan = _plan(job)
     checkpoint = latest_checkpoint(work_dir)
-    if checkpoint is not None and not resume:
+    if checkpoint is not None and not job.resume:
         raise ConfigError(
             f"{work_dir} already holds a finetuning checkpoint; pass --resume to continue it "
             "or choose another --output"
         )
-
     model, kwargs = build_classifier(
-        source,
-        num_classes,
-        data.pool,
-        random_init,
-        seed=settings.seed,
-        drop_path_rate=settings.drop_path,
-    )
-    base_lr = settings.lr or settings.blr * global_batch / 256
-    optimizer = build_optimizer(model, settings, base_lr)
+        job.source, num_classes, job.config.data.pool, random_init,
+        seed=settings.seed, drop_path_rate=settings.drop_path,
+    )  # fmt: skip
+    optimizer = build_optimizer(model, settings, plan.base_lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     start_epoch, history = 0, []
     if checkpoint is not None:
@@ -168,138 +210,135 @@ def finetune(
         accelerator.unwrap_model(model).load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
         start_epoch, history = state["epoch"], state["history"]
+    _print_start(job, plan, random_init)
 
-    mixup = None
-    if settings.mixup > 0 or settings.cutmix > 0:
-        mixup = Mixup(
-            mixup_alpha=settings.mixup,
-            cutmix_alpha=settings.cutmix,
-            label_smoothing=settings.label_smoothing,
-            num_classes=num_classes,
-        )
-        loss_fn = SoftTargetCrossEntropy()  # mixup's targets are soft and already smoothed
-    else:
-        loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
-    sample_transform = train_transform(settings, image_size, source.mean, source.std)
-    val_transform = SampleTransform(
-        eval_transform(image_size, source.mean, source.std, data.crop_fraction).image_transform
-    )
-    total_steps = settings.epochs * steps_per_epoch
-    warmup_steps = round(settings.warmup_epochs * steps_per_epoch)
-    if is_main:
-        print(
-            f"full finetune of {source.name}{' (random init)' if random_init else ''}: "
-            f"{world} process(es) on {accelerator.device}, {steps_per_epoch} steps/epoch, "
-            f"global batch {global_batch}, lr {base_lr:.3g}, layer decay {settings.layer_decay}",
-            file=sys.stderr,
-        )
-
+    criterion = _Criterion(settings, num_classes)
+    guard = NonFiniteGuard(settings.max_nonfinite_steps)
     model.train()
     for epoch in range(start_epoch, settings.epochs):
-        loader = train_loader(
-            train_urls,
-            sample_transform,
-            batch_size=settings.batch_size,
-            steps_per_epoch=steps_per_epoch,
-            epoch=epoch,
-            seed=settings.seed,
-            rank=rank,
-            world_size=world,
-            num_workers=data.num_workers,
-            shuffle_buffer=settings.shuffle_buffer,
-        )
-        losses = torch.zeros((), device=accelerator.device)
-        epoch_started = time.perf_counter()
-        for step_in_epoch, batch in enumerate(
-            tqdm(loader, desc=f"epoch {epoch + 1}", disable=not is_main, leave=False)
-        ):
-            step = epoch * steps_per_epoch + step_in_epoch
-            _seed_step(settings.seed, step, rank)  # drop path and mixup draws
-            lr = learning_rate(step, base_lr, warmup_steps, total_steps, settings.min_lr)
-            set_learning_rate(optimizer, lr)
-            if "label" not in batch:
-                raise DataError("the train shards carry no class labels (cls)")
-            images = batch["image"].to(accelerator.device, non_blocking=True)
-            targets = batch["label"].to(accelerator.device, non_blocking=True)
-            if mixup is not None:
-                images, targets = mixup(images, targets)  # targets: [B, C] soft
-            with accelerator.autocast():
-                loss = loss_fn(model(images), targets)
-            accelerator.backward(loss)
-            if settings.clip_grad:
-                accelerator.clip_grad_norm_(model.parameters(), settings.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses += loss.detach().float()
-        top1, top5, confusion = evaluate(
-            accelerator.unwrap_model(model),
-            val_urls,
-            val_transform,
-            accelerator,
-            num_classes,
-            data,
-        )
-        metrics = {
-            "epoch": epoch + 1,
-            "train_loss": mean_across_processes(accelerator, losses / steps_per_epoch).item(),
-            "lr": lr,
-            "val_top1": top1,
-            "val_top5": top5,
-            "img_per_s": steps_per_epoch * global_batch / (time.perf_counter() - epoch_started),
-        }
+        metrics = _train_epoch(job, plan, model, optimizer, criterion, guard, epoch)
+        top1, top5, confusion = _evaluate_job(job, plan, accelerator.unwrap_model(model))
+        speed = metrics.pop("img_per_s")  # after the val figures, as in every result
+        metrics = {**metrics, "val_top1": top1, "val_top5": top5, "img_per_s": speed}
         history.append(metrics)
-        report.log(metrics, step=(epoch + 1) * steps_per_epoch)
-        if is_main:
+        report.log(metrics, step=(epoch + 1) * plan.steps_per_epoch)
+        if accelerator.is_main_process:
             print(_metrics_line(metrics), file=sys.stderr, flush=True)
             save_checkpoint(
                 work_dir,
-                (epoch + 1) * steps_per_epoch,
+                (epoch + 1) * plan.steps_per_epoch,
                 accelerator.unwrap_model(model).state_dict(),
                 optimizer.state_dict(),
                 {"epoch": epoch + 1, "history": history},
                 keep=settings.keep_checkpoints,
             )
         accelerator.wait_for_everyone()
-
     if start_epoch >= settings.epochs:  # resumed a finished run: evaluate its final weights
-        top1, top5, confusion = evaluate(
-            accelerator.unwrap_model(model), val_urls, val_transform, accelerator, num_classes, data
-        )
+        top1, top5, confusion = _evaluate_job(job, plan, accelerator.unwrap_model(model))
     result = {
         "top1": top1,
         "top5": top5,
         "best_top1": max(entry["val_top1"] for entry in history) if history else top1,
         "epochs": settings.epochs,
-        "steps_per_epoch": steps_per_epoch,
-        "global_batch": global_batch,
-        "lr": base_lr,
-        "train_samples": train_samples,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "global_batch": plan.global_batch,
+        "lr": plan.base_lr,
+        "train_samples": plan.train_samples,
         "val_samples": int(confusion.sum()),
         "history": history,
     }
-    if is_main:
-        meta = {
-            "task": "classification",
-            "num_classes": num_classes,
-            "finetuned_from": str(source.card_path),
-            "random_init": random_init,
-            "image_size": image_size,
-            "mean": list(source.mean),
-            "std": list(source.std),
-            "top1": top1,
-        }
+    if accelerator.is_main_process:
         state = accelerator.unwrap_model(model).state_dict()
-        weights, _ = export_encoder(work_dir, state, source.card["timm_name"], kwargs, meta)
-        result["export"] = str(weights)
+        result["export"] = str(_export(job, plan, state, kwargs, random_init, top1))
     result["wall_s"] = round(time.perf_counter() - started, 1)
     accelerator.wait_for_everyone()
     return result, confusion
 
 
-def _seed_step(seed: int, step: int, rank: int) -> None:
-    mixed = int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
-    torch.manual_seed(mixed)
-    np.random.seed(mixed & 0xFFFF_FFFF)
+def _train_epoch(job, plan, model, optimizer, criterion, guard, epoch: int) -> dict:
+    """One epoch of optimizer steps; {"epoch", "train_loss", "lr", "img_per_s"}."""
+    settings, accelerator = job.config.full, job.accelerator
+    accum, rank = settings.grad_accum, accelerator.process_index
+    loader = train_loader(
+        plan.train_urls,
+        plan.sample_transform,
+        batch_size=settings.batch_size,
+        steps_per_epoch=plan.steps_per_epoch * accum,  # micro-batches
+        epoch=epoch,
+        seed=settings.seed,
+        rank=rank,
+        world_size=accelerator.num_processes,
+        num_workers=job.config.data.num_workers,
+        shuffle_buffer=settings.shuffle_buffer,
+    )
+    is_main = accelerator.is_main_process
+    batches = iter(tqdm(loader, desc=f"epoch {epoch + 1}", disable=not is_main, leave=False))
+    phases = optimizer_phases(accelerator.unwrap_model(model))
+    losses = torch.zeros((), device=accelerator.device)
+
+    def add_loss(outputs: dict, phase: str) -> None:
+        nonlocal losses
+        losses += outputs["loss"].detach().float() / accum
+
+    started = time.perf_counter()
+    for step_in_epoch in range(plan.steps_per_epoch):
+        step = epoch * plan.steps_per_epoch + step_in_epoch
+        micro_batches = [next(batches) for _ in range(accum)]
+        seed_step(settings.seed, step, rank)  # drop path and mixup draws
+        lr = learning_rate(step, plan.base_lr, plan.warmup_steps, plan.total_steps, settings.min_lr)
+        result = optimizer_step(
+            accelerator, model, phases, [optimizer], micro_batches,
+            lambda batch, phase: {"loss": criterion(model, batch, accelerator)},
+            lr, settings.clip_grad, add_loss,
+        )  # fmt: skip
+        guard.record(result.finite, step + 1)
+    return {
+        "epoch": epoch + 1,
+        "train_loss": mean_across_processes(accelerator, losses / plan.steps_per_epoch).item(),
+        "lr": lr,
+        "img_per_s": plan.steps_per_epoch * plan.global_batch / (time.perf_counter() - started),
+    }
+
+
+def _evaluate_job(job: Job, plan: _Plan, model: nn.Module):
+    return evaluate(
+        model,
+        job.val_urls,
+        plan.val_transform,
+        job.accelerator,
+        len(job.class_names),
+        job.config.data,
+    )
+
+
+def _print_start(job: Job, plan: _Plan, random_init: bool) -> None:
+    if job.accelerator.is_main_process:
+        settings = job.config.full
+        print(
+            f"full finetune of {job.source.name}{' (random init)' if random_init else ''}: "
+            f"{job.accelerator.num_processes} process(es) on {job.accelerator.device}, "
+            f"{plan.steps_per_epoch} steps/epoch, global batch {plan.global_batch}, "
+            f"lr {plan.base_lr:.3g}, layer decay {settings.layer_decay}",
+            file=sys.stderr,
+        )
+
+
+def _export(job: Job, plan: _Plan, state: dict, kwargs: dict, random_init: bool, top1: float):
+    """The finetuned classifier, as timm rebuilds it: OUTPUT/<result name>/export."""
+    source = job.source
+    meta = {
+        "task": "classification",
+        "num_classes": len(job.class_names),
+        "finetuned_from": str(source.card_path),
+        "random_init": random_init,
+        "image_size": plan.image_size,
+        "mean": list(source.mean),
+        "std": list(source.std),
+        "top1": top1,
+    }
+    work_dir = job.output_dir / job.result_name(random_init)
+    weights, _ = export_encoder(work_dir, state, source.card["timm_name"], kwargs, meta)
+    return weights
 
 
 def _metrics_line(metrics: dict) -> str:
@@ -307,3 +346,21 @@ def _metrics_line(metrics: dict) -> str:
         f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
         for key, value in metrics.items()
     )
+
+
+def run_full(job: Job, random_init: bool) -> dict | None:
+    """`finetune full`: the result (main process), with the confusion matrix."""
+    if not job.class_names:
+        raise ConfigError(
+            "full finetuning needs the class count: the shard index names no classes; "
+            "pass --classes a,b,c"
+        )
+    report = job.report(random_init)
+    result, confusion = finetune(job, random_init, report)
+    if not job.accelerator.is_main_process:
+        return None
+    result = {**job.describe(random_init), **result}
+    title = job.title("full finetune", random_init)
+    result.update(report.confusion_from_matrix(confusion, job.class_names, title))
+    report.finish(result)
+    return result

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from finetune.features import frozen_features
+from finetune.job import Job
 from finetune.metrics import topk_accuracy
 
 
@@ -69,3 +71,33 @@ def knn_evaluate(
         "val_samples": len(val_features),
     }
     return metrics, scores
+
+
+def run_knn(job: Job, random_init: bool) -> dict | None:
+    """`finetune knn` on the job's frozen features; the result (main process)."""
+    train, val, cached = frozen_features(job, random_init)
+    if not job.accelerator.is_main_process:
+        return None
+    settings = job.config.knn
+    report = job.report(random_init)
+    classes = job.num_classes(train.labels, val.labels)
+    metrics, scores = knn_evaluate(
+        train.features,
+        train.labels,
+        val.features,
+        val.labels,
+        num_classes=classes,
+        k=settings.k,
+        temperature=settings.temperature,
+        device=job.accelerator.device,
+    )
+    result = {
+        **job.describe(random_init),
+        **metrics,
+        "features_cached": cached,
+        "skipped_samples": train.skipped + val.skipped,
+    }
+    title = job.title(f"kNN k={settings.k}", random_init)
+    result.update(report.confusion(scores, val.labels, classes, job.class_names, title))
+    report.finish(result)
+    return result

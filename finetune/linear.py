@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from finetune.features import frozen_features
+from finetune.job import Job
 from finetune.metrics import topk_accuracy
 
 
@@ -89,3 +91,37 @@ def train_linear_probe(
         "val_samples": len(val_features),
     }
     return metrics, val_logits[best].cpu()
+
+
+def run_linear(job: Job, random_init: bool) -> dict | None:
+    """`finetune linear`: the probe on the job's frozen features; the result (main process)."""
+    train, val, cached = frozen_features(job, random_init)
+    if not job.accelerator.is_main_process:
+        return None
+    settings = job.config.linear
+    report = job.report(random_init)
+    classes = job.num_classes(train.labels, val.labels)
+    metrics, logits = train_linear_probe(
+        train.features,
+        train.labels,
+        val.features,
+        val.labels,
+        learning_rates=tuple(settings.learning_rates),
+        epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        weight_decay=settings.weight_decay,
+        seed=settings.seed,
+        num_classes=classes,
+        device=job.accelerator.device,
+    )
+    result = {
+        **job.describe(random_init),
+        **metrics,
+        "epochs": settings.epochs,
+        "features_cached": cached,
+        "skipped_samples": train.skipped + val.skipped,
+    }
+    title = job.title("linear probe", random_init)
+    result.update(report.confusion(logits, val.labels, classes, job.class_names, title))
+    report.finish(result)
+    return result

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.config import LoggingSettings
+from finetune.config import LoggingConfig
 from finetune.encoder import EncoderSource
 from finetune.metrics import confusion_matrix, draw_confusion, per_class_accuracy
 from pretrain.tracking import wandb_mode
@@ -25,7 +25,7 @@ class Report:
         name: str,
         mode: str,
         source: EncoderSource,
-        settings: LoggingSettings,
+        settings: LoggingConfig,
         config: dict,
         is_main: bool = True,
     ):

@@ -18,7 +18,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pretrain.config import ConfigError
+from finetune.encoder import weights_fingerprint
+from finetune.features import job_features
+from finetune.job import Job
+from finetune.metrics import topk_accuracy
+from pretrain.errors import ConfigError, DataError
 
 
 @torch.no_grad()
@@ -117,3 +121,57 @@ def load_clip(run_dir: Path, random_init: bool, seed: int | None = None):
         if not callable(getattr(objective, name, None)):
             raise ConfigError(f"the clip objective has no {name}(); zeroshot cannot use it")
     return objective.eval(), config
+
+
+def run_zeroshot(job: Job, random_init: bool) -> dict | None:
+    """`finetune zeroshot`: class prompts against the val images (labelled shards with class
+    names) and retrieval both ways (captioned shards); the result (main process)."""
+    data, accelerator = job.config.data, job.accelerator
+    clip, run_config = load_clip(job.source.run_dir, random_init)
+    clip.to(accelerator.device)
+    image_size = data.image_size or run_config.data.image_size
+    identity = {"weights": weights_fingerprint(clip), "tower": "clip.encode_image"}
+    val, cached = job_features(job, clip.encode_image, identity, "val", image_size, "clip images")
+    if not accelerator.is_main_process:
+        return None
+    report = job.report(random_init)
+    result = {**job.describe(random_init), "val_samples": len(val), "features_cached": cached}
+    with torch.no_grad(), accelerator.autocast():
+        if val.labels is not None and job.class_names:
+            result.update(_classify(job, clip, val, report, random_init))
+        if val.captions:
+            settings, device = job.config.zeroshot, accelerator.device
+            texts = encode_texts(
+                clip.encode_text, clip.tokenize, val.captions, settings.text_batch_size, device
+            )
+            result.update(
+                retrieval_recall(val.features, texts, text_groups=caption_groups(val.captions))
+            )
+    if "top1" not in result and "image_to_text_r1" not in result:
+        raise DataError(
+            "the val shards carry neither class labels with class names (--classes) nor "
+            "captions (txt): nothing to evaluate zero-shot"
+        )
+    report.finish(result)
+    return result
+
+
+def _classify(job: Job, clip, val, report, random_init: bool) -> dict:
+    """Zero-shot top-1/top-5 of the val images against the class prompts, and the confusion."""
+    classes, device = len(job.class_names), job.accelerator.device
+    if int(val.labels.max()) >= classes:
+        raise DataError(
+            f"the val labels go up to {int(val.labels.max())} but only {classes} class names "
+            "are known"
+        )
+    templates = job.config.zeroshot.templates
+    embeds = class_embeddings(clip.encode_text, clip.tokenize, job.class_names, templates, device)
+    scores = zero_shot_scores(val.features.to(device), embeds).float().cpu()  # [N, C]
+    title = job.title("zero-shot", random_init)
+    return {
+        "top1": topk_accuracy(scores, val.labels, 1),
+        "top5": topk_accuracy(scores, val.labels, 5),
+        "num_classes": classes,
+        "templates": list(templates),
+        **report.confusion(scores, val.labels, classes, job.class_names, title),
+    }

@@ -18,12 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from pretrain.config import ConfigError, load_config
-from pretrain.data import DataError
-from pretrain.distributed import LaunchError
-from pretrain.models.encoder import ModelError
+from pretrain.errors import ConfigError, UserError
 
-USER_ERRORS = (ConfigError, DataError, ModelError, LaunchError)
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 75
@@ -32,9 +28,9 @@ EXIT_PREEMPTED = 75
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["shards"]:
-        from pretrain.data.write import main as write_main
+        from pretrain.data.cli import main as shards_main
 
-        return write_main(argv[1:])
+        return shards_main(argv[1:])
 
     parser = argparse.ArgumentParser(
         prog="pretrain",
@@ -52,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Heavy imports only once the arguments parse.
     from pretrain.checkpoint import NonFiniteWeightsError
-    from pretrain.engine import NonFiniteLossError, train
+    from pretrain.config import load_config
+    from pretrain.engine import train
+    from pretrain.faults import NonFiniteLossError
 
     try:
         if args.resume:
@@ -65,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             config = load_config(args.config, args.overrides)
         summary = train(config, resume_dir=args.resume)
-    except USER_ERRORS as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (NonFiniteLossError, NonFiniteWeightsError) as error:

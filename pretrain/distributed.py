@@ -10,9 +10,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, gather_object
 
-
-class LaunchError(RuntimeError):
-    """The launcher and the process group disagree; one line for the user."""
+from pretrain.errors import LaunchError
 
 
 def make_accelerator(

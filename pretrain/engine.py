@@ -1,59 +1,61 @@
 """One Accelerate training loop for every objective.
 
 The engine knows nothing objective-specific: it asks the registry for a module whose
-`forward(batch)` returns {"loss", ...scalars}, steps the optimizer on a warmup + cosine schedule
-counted in optimizer steps, logs, checkpoints, and exports the objective's `encoder` at the end.
-
-Objectives that need several optimizer steps per batch (a GAN: discriminator, then generator)
-define `optimizer_phases() -> {phase: [parameters]}`; each phase gets its own optimizer and, every
-step, its own `forward(batch, phase=name)` + backward + step, in order. Nothing else changes.
+`forward(batch)` returns {"loss", ...scalars}, steps its optimizers (pretrain.step) on a warmup +
+cosine schedule counted in optimizer steps (pretrain.optim), logs, checkpoints, and exports the
+objective's `encoder` at the end. Objectives with several optimizer phases (a GAN) are
+PhasedObjectives: each phase steps in turn, nothing else changes.
 
 Determinism: every optimizer step reseeds torch from (seed, step, rank) and the data stream
 position is a function of (seed, epoch, step), so a resumed run continues exactly like an
 uninterrupted one.
 
-Fault tolerance: SIGTERM or SIGUSR1 (preemption; Slurm's warning before the time limit) only
-raise a flag; at the next step boundary all ranks agree through one tiny all-reduce, write a
-checkpoint and stop (the CLI exits with EXIT_PREEMPTED). A run directory (train.run_name) that
-already holds checkpoints is continued from the latest one, so rerunning the same command
-resumes. A step whose loss or gradients are NaN/Inf on any rank is skipped on every rank and
-counted; train.max_nonfinite_steps of them in a row stop the run, and non-finite weights are
-never saved.
+Fault tolerance (pretrain.faults, pretrain.rundir): SIGTERM or SIGUSR1 stop the run at the next
+step boundary with a checkpoint (the CLI exits with EXIT_PREEMPTED); rerunning the same command
+continues a run directory from its latest checkpoint; NaN/Inf steps are skipped on every rank,
+and train.max_nonfinite_steps of them in a row stop the run; non-finite weights are never saved.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
-import shutil
-import signal
 import sys
-import threading
 import time
-import uuid
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import yaml
+from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm import tqdm
 
 from pretrain.checkpoint import export_encoder, latest_checkpoint, load_checkpoint, save_checkpoint
-from pretrain.config import Config, ConfigError, save_config, to_dict
-from pretrain.data import ensure_demo_data, expand_shards, train_loader
+from pretrain.config import Config, to_dict
+from pretrain.data import TrainingStream, demo_shards, expand_shards
 from pretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from pretrain.distributed import (
-    broadcast_from_main,
-    make_accelerator,
-    mean_across_processes,
-    sum_across_processes,
+from pretrain.distributed import make_accelerator, sum_across_processes
+from pretrain.errors import ConfigError
+from pretrain.faults import (
+    NonFiniteGuard,
+    NonFiniteLossError,
+    StopSignals,
+    stop_on_any_rank,
+    stop_signals_blocked,
 )
-from pretrain.objectives import get_objective
-from pretrain.optim import build_optimizer, no_weight_decay_names
-from pretrain.tracking import Tracker
+from pretrain.models.encoder import EncoderSpec
+from pretrain.objectives import PhasedObjective, get_objective
+from pretrain.optim import (
+    build_optimizer,
+    learning_rate,
+    no_weight_decay_names,
+    optimizer_phases,
+    scaled_lr,
+)
+from pretrain.rundir import open_run_dir
+from pretrain.step import StepResult, optimizer_step, seed_step
+from pretrain.tracking import MetricWindow, Tracker
+
+__all__ = ["NonFiniteLossError", "train"]
 
 
 def train(config: Config, resume_dir: str | Path | None = None, on_end=None) -> dict:
@@ -63,12 +65,42 @@ def train(config: Config, resume_dir: str | Path | None = None, on_end=None) -> 
     with the unwrapped objective (for custom evaluation, or tests that compare replicas).
     A run stopped by SIGTERM/SIGUSR1 returns early, checkpointed, with "stopped_by" set.
     """
-    with StopSignals() as stop_signals:
-        return _train(config, resume_dir, on_end, stop_signals)
-
-
-def _train(config: Config, resume_dir, on_end, stop_signals: StopSignals) -> dict:
     started = time.perf_counter()
+    with StopSignals() as stop_signals:
+        run = _start(config, resume_dir)
+        done, total_steps, stopped_by, last_metrics = _loop(run, stop_signals, started)
+        if stopped_by:
+            return _stop(run, done, stopped_by)
+        return _finish(run, total_steps, last_metrics, on_end, started)
+
+
+@dataclass
+class _Run:
+    """A started run: everything the loop and the end of the run need."""
+
+    config: Config
+    accelerator: Accelerator
+    objective: torch.nn.Module  # unwrapped
+    model: torch.nn.Module  # prepared (DDP-wrapped on several processes)
+    spec: EncoderSpec
+    phases: dict  # {phase: [(name, parameter)]}, in stepping order
+    optimizers: list
+    run_dir: Path
+    tracker: Tracker
+    stream: TrainingStream
+    global_batch: int
+    base_lr: float
+    start_step: int
+    skipped_before: int  # this rank's skipped samples before a resume
+    guard: NonFiniteGuard
+
+    @property
+    def phased(self) -> bool:
+        return isinstance(self.objective, PhasedObjective)
+
+
+def _start(config: Config, resume_dir) -> _Run:
+    """Build, prepare and (when resuming) restore everything; nothing is trained yet."""
     # Everything that can be wrong with the inputs fails here, before a run directory exists.
     entry = get_objective(config.objective.name)
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
@@ -80,14 +112,13 @@ def _train(config: Config, resume_dir, on_end, stop_signals: StopSignals) -> dic
         # keys) stay as they are, so checkpoints and exports do not depend on this setting
         objective.compile()
     sample_transform = entry.train_transform(config)
-    phases = optimizer_phases(objective)  # {phase: [(name, parameter)]}, in stepping order
-    phased = hasattr(objective, "optimizer_phases")
+    phases = optimizer_phases(objective)
     accelerator = make_accelerator(
         config.train.mixed_precision,
         "wandb" if config.logging.wandb else None,
-        find_unused_parameters=phased,  # a phase's backward reaches only part of the model
+        # a phase's backward reaches only part of the model
+        find_unused_parameters=isinstance(objective, PhasedObjective),
     )
-    is_main, rank = accelerator.is_main_process, accelerator.process_index
     if accelerator.distributed_type == DistributedType.FSDP:
         # Checkpoints, pictures and the export read the whole model on the main process; with
         # sharded parameters that needs a full-state gather on every rank first (not built yet).
@@ -98,15 +129,13 @@ def _train(config: Config, resume_dir, on_end, stop_signals: StopSignals) -> dic
     _use_demo_data_if_unset(config, accelerator)
     shards = expand_shards(config.data.train_shards, allow_pipe=config.data.allow_pipe)
 
-    accum = config.train.grad_accum
-    global_batch = config.data.batch_size * accelerator.num_processes * accum
-    base_lr = config.optimizer.lr or config.optimizer.blr * global_batch / 256
+    global_batch = config.data.batch_size * accelerator.num_processes * config.train.grad_accum
+    base_lr = scaled_lr(config.optimizer.blr, config.optimizer.lr, global_batch)
     skip_decay = no_weight_decay_names(objective)
     optimizers = [
         build_optimizer(named, skip_decay, config.optimizer, base_lr) for named in phases.values()
     ]
-
-    run_dir, run_id = _open_run_dir(config, accelerator, resume_dir)
+    run_dir, run_id = open_run_dir(config, accelerator, resume_dir)
     checkpoint = latest_checkpoint(run_dir)  # None for a new run
     model, *optimizers = accelerator.prepare(objective, *optimizers)
     start_step, skipped_before, nonfinite_steps = 0, 0, 0
@@ -116,11 +145,11 @@ def _train(config: Config, resume_dir, on_end, stop_signals: StopSignals) -> dic
         for phase, optimizer in zip(phases, optimizers):
             optimizer.load_state_dict(optimizer_states[phase])
         start_step = state["step"]
-        skipped_before = _own_count(state, rank, accelerator.num_processes)
+        skipped_before = _own_count(state, accelerator.process_index, accelerator.num_processes)
         nonfinite_steps = state.get("nonfinite_steps", 0)
 
     tracker = Tracker(accelerator, run_dir, config.logging, run_id, to_dict(config))
-    if is_main:
+    if accelerator.is_main_process:
         print(
             f"run {run_dir} | {config.objective.name} | {spec.name} | "
             f"{accelerator.num_processes} process(es) on {accelerator.device} | "
@@ -128,235 +157,185 @@ def _train(config: Config, resume_dir, on_end, stop_signals: StopSignals) -> dic
             + (f"resumed at step {start_step}" if checkpoint else "new run"),
             flush=True,
         )
-
-    stream = TrainingStream(config, shards, sample_transform, rank, accelerator.num_processes)
-    batches = stream.batches(start_micro_step=start_step * accum)
-    total_steps = config.train.steps
-    progress = tqdm(
-        total=total_steps, initial=start_step, disable=not is_main, desc="pretrain", unit="step"
+    data = config.data
+    stream = TrainingStream(
+        shards,
+        sample_transform,
+        batch_size=data.batch_size,
+        steps_per_epoch=data.steps_per_epoch,
+        seed=config.train.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        num_workers=data.num_workers,
+        shuffle_buffer=data.shuffle_buffer,
+        allow_pipe=data.allow_pipe,
+        starting_workers=stop_signals_blocked,
     )
-    window = _Window(accelerator.device)
-    last_metrics: dict = {}
-    nonfinite_in_a_row, stopped_by = 0, None
-    model.train()
+    guard = NonFiniteGuard(config.train.max_nonfinite_steps, nonfinite_steps)
+    return _Run(
+        config, accelerator, objective, model, spec, phases, optimizers, run_dir, tracker,
+        stream, global_batch, base_lr, start_step, skipped_before, guard,
+    )  # fmt: skip
+
+
+def _loop(run: _Run, stop_signals: StopSignals, started: float):
+    """Train from run.start_step; returns (last step done, total steps, stop signal, metrics)."""
+    config, accelerator = run.config, run.accelerator
+    accum, rank = config.train.grad_accum, accelerator.process_index
+    is_main = accelerator.is_main_process
+    batches = run.stream.batches(start_micro_step=run.start_step * accum)
+    window = MetricWindow(accelerator.device)
+    forward, on_outputs = _forward_and_logging(run, window)
+    total_steps, done, stopped_by, last_metrics = config.train.steps, run.start_step, None, {}
     time_limit_s = (config.train.time_limit_minutes or 0) * 60
-    for step in range(start_step, config.train.steps):
-        torch.manual_seed(_step_seed(config.train.seed, step, rank))
+    progress = tqdm(
+        total=total_steps, initial=done, disable=not is_main, desc="pretrain", unit="step"
+    )
+    run.model.train()
+    for step in range(run.start_step, config.train.steps):
+        seed_step(config.train.seed, step, rank)
+        schedule = config.schedule  # spans train.steps, even when a time limit ends the run early
         lr = learning_rate(
-            step, base_lr, config.schedule.warmup_steps, config.train.steps, config.schedule.min_lr
+            step, run.base_lr, schedule.warmup_steps, config.train.steps, schedule.min_lr
         )
         micro_batches = [_to_device(next(batches), accelerator.device) for _ in range(accum)]
-        grad_norms = {}
-        step_is_finite = True
-        for (phase, named), optimizer in zip(phases.items(), optimizers):
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            phase_loss = torch.zeros((), device=accelerator.device)
-            for micro_step, batch in enumerate(micro_batches):
-                # Gradients are all-reduced on the last micro-batch only.
-                last = micro_step == accum - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                    outputs = model(batch, phase=phase) if phased else model(batch)
-                    accelerator.backward(outputs["loss"] / accum)
-                phase_loss += outputs["loss"].detach().float()
-                window.add(_phase_outputs(outputs, phase) if phased else outputs, accum)
-            grad_norm = accelerator.clip_grad_norm_(
-                [parameter for _, parameter in named], config.train.clip_grad or float("inf")
-            )
-            grad_norms[f"grad_norm_{phase}" if phased else "grad_norm"] = grad_norm
-            # A NaN/Inf loss or gradient on any rank skips this update on every rank. fp16's
-            # GradScaler skips such steps itself and must see step() to lower its scale.
-            finite = _finite_on_every_rank(accelerator, phase_loss, grad_norm)
-            step_is_finite = step_is_finite and finite
-            if finite or accelerator.scaler is not None:
-                optimizer.step()
-            # All gradients, not only this phase's: its backward may have reached other phases'
-            # parameters (a generator loss flows through the discriminator).
-            model.zero_grad(set_to_none=True)
+        result = optimizer_step(
+            accelerator, run.model, run.phases, run.optimizers, micro_batches, forward, lr,
+            config.train.clip_grad, on_outputs,
+        )  # fmt: skip
         done = step + 1
         window.steps += 1
         progress.update(1)
-        nonfinite_in_a_row = 0 if step_is_finite else nonfinite_in_a_row + 1
-        if not step_is_finite:
-            nonfinite_steps += 1
-            if is_main:
-                print(f"step {done}: NaN/Inf loss or gradients, update skipped", file=sys.stderr)
-        if config.train.max_nonfinite_steps and (
-            nonfinite_in_a_row >= config.train.max_nonfinite_steps
-        ):
-            raise NonFiniteLossError(
-                f"{nonfinite_in_a_row} steps in a row had NaN/Inf losses or gradients (steps "
-                f"{done - nonfinite_in_a_row + 1}-{done}, none applied): lower the learning rate, "
-                "set train.clip_grad, or check the data"
-            )
+        if not result.finite and is_main:
+            print(f"step {done}: NaN/Inf loss or gradients, update skipped", file=sys.stderr)
+        run.guard.record(result.finite, done)
         if done < total_steps:
             out_of_time = bool(time_limit_s) and time.perf_counter() - started > time_limit_s
-            stopped_by, out_of_time = _stop_on_any_rank(accelerator, stop_signals, out_of_time)
+            stopped_by, out_of_time = stop_on_any_rank(accelerator, stop_signals, out_of_time)
             if out_of_time:  # end here like a finished run: log, checkpoint, export
                 total_steps = done
 
         if done % config.logging.log_every == 0 or done == total_steps:
-            skipped = sum(_per_rank(accelerator, stream.skipped + skipped_before))
-            last_metrics = {
-                **window.means(accelerator),
-                "lr": lr,
-                **{name: float(norm) for name, norm in grad_norms.items()},
-                "img_per_s": window.steps * global_batch / window.elapsed(),
-                "skipped_samples": skipped,
-                "nonfinite_steps": nonfinite_steps,
-                "epoch": stream.epoch,
-            }
-            tracker.log(last_metrics, step=done)
+            last_metrics = _log_metrics(run, window, lr, result, done)
             progress.set_postfix(loss=f"{last_metrics['loss']:.4f}", lr=f"{lr:.2e}")
-            window.reset()
-
         image_every = config.logging.image_every
         if is_main and image_every and (done % image_every == 0 or done == total_steps):
-            _log_pictures(accelerator.unwrap_model(model), batch, tracker, done)
-
+            run.tracker.log_pictures(run.objective, micro_batches[-1], done)
         if done % config.train.checkpoint_every == 0 or done == total_steps or stopped_by:
-            skipped_per_rank = _per_rank(accelerator, stream.skipped + skipped_before)
-            if is_main:
-                save_checkpoint(
-                    run_dir,
-                    done,
-                    accelerator.unwrap_model(model).state_dict(),
-                    {phase: opt.state_dict() for phase, opt in zip(phases, optimizers)},
-                    {
-                        "skipped_samples": sum(skipped_per_rank),
-                        "skipped_samples_per_rank": skipped_per_rank,
-                        "nonfinite_steps": nonfinite_steps,
-                    },
-                    keep=config.train.keep_checkpoints,
-                )
-            accelerator.wait_for_everyone()
+            _save_checkpoint(run, done)
         if stopped_by or done == total_steps:
             break
     progress.close()
-    if stopped_by:
-        tracker.finish()
-        if is_main:
-            print(
-                f"stopped by {stopped_by} after step {done} (checkpoint written); run the same "
-                "command again to continue",
-                file=sys.stderr,
-                flush=True,
-            )
-        accelerator.wait_for_everyone()
-        return {"objective": config.objective.name, "steps": done, "stopped_by": stopped_by}
-    skipped_per_rank = _per_rank(accelerator, stream.skipped + skipped_before)
-    if on_end is not None:
-        on_end(accelerator.unwrap_model(model), accelerator)
+    return done, total_steps, stopped_by, last_metrics
 
+
+def _forward_and_logging(run: _Run, window: MetricWindow):
+    """The step's forward(batch, phase) and its outputs' way into the metric window. A phase's
+    `loss` is logged as loss_<phase>, and `loss` becomes the sum over phases."""
+    accum = run.config.train.grad_accum
+    if not run.phased:
+        return (
+            lambda batch, phase: run.model(batch),
+            lambda outputs, phase: window.add(outputs, accum),
+        )
+    return (
+        lambda batch, phase: run.model(batch, phase=phase),
+        lambda outputs, phase: window.add({**outputs, f"loss_{phase}": outputs["loss"]}, accum),
+    )
+
+
+def _log_metrics(run: _Run, window: MetricWindow, lr: float, result: StepResult, done: int):
+    accelerator = run.accelerator
+    skipped = sum(_per_rank(accelerator, run.stream.skipped + run.skipped_before))
+    grad_norms = {
+        (f"grad_norm_{phase}" if run.phased else "grad_norm"): float(norm)
+        for phase, norm in result.grad_norms.items()
+    }
+    metrics = {
+        **window.means(accelerator),
+        "lr": lr,
+        **grad_norms,
+        "img_per_s": window.steps * run.global_batch / window.elapsed(),
+        "skipped_samples": skipped,
+        "nonfinite_steps": run.guard.total,
+        "epoch": run.stream.epoch,
+    }
+    run.tracker.log(metrics, step=done)
+    window.reset()
+    return metrics
+
+
+def _save_checkpoint(run: _Run, done: int) -> None:
+    """Every rank takes part (the skip counts are gathered); the main process writes."""
+    accelerator = run.accelerator
+    skipped_per_rank = _per_rank(accelerator, run.stream.skipped + run.skipped_before)
+    if accelerator.is_main_process:
+        save_checkpoint(
+            run.run_dir,
+            done,
+            run.objective.state_dict(),
+            {phase: opt.state_dict() for phase, opt in zip(run.phases, run.optimizers)},
+            {
+                "skipped_samples": sum(skipped_per_rank),
+                "skipped_samples_per_rank": skipped_per_rank,
+                "nonfinite_steps": run.guard.total,
+            },
+            keep=run.config.train.keep_checkpoints,
+        )
+    accelerator.wait_for_everyone()
+
+
+def _stop(run: _Run, done: int, stopped_by: str) -> dict:
+    run.tracker.finish()
+    if run.accelerator.is_main_process:
+        print(
+            f"stopped by {stopped_by} after step {done} (checkpoint written); run the same "
+            "command again to continue",
+            file=sys.stderr,
+            flush=True,
+        )
+    run.accelerator.wait_for_everyone()
+    return {"objective": run.config.objective.name, "steps": done, "stopped_by": stopped_by}
+
+
+def _finish(run: _Run, total_steps: int, last_metrics: dict, on_end, started: float) -> dict:
+    """Summary on every process; the main process exports the encoder and writes summary.json."""
+    config, accelerator = run.config, run.accelerator
+    skipped_per_rank = _per_rank(accelerator, run.stream.skipped + run.skipped_before)
+    if on_end is not None:
+        on_end(run.objective, accelerator)
     summary = {
         "objective": config.objective.name,
         "steps": total_steps,
         "final_loss": last_metrics.get("loss"),
         "skipped_samples": sum(skipped_per_rank),
         "skipped_samples_per_rank": skipped_per_rank,
-        "nonfinite_steps": nonfinite_steps,
+        "nonfinite_steps": run.guard.total,
         "time_limit_reached": total_steps < config.train.steps,
-        "run_dir": str(run_dir),
+        "run_dir": str(run.run_dir),
     }
-    if is_main:
-        encoder_state = accelerator.unwrap_model(model).encoder.state_dict()
+    if accelerator.is_main_process:
         meta = {
             "objective": config.objective.name,
             "steps": total_steps,
             "image_size": config.data.image_size,
             "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD),
-            "run_dir": str(run_dir),
+            "run_dir": str(run.run_dir),
         }
-        weights, _ = export_encoder(run_dir, encoder_state, spec.name, spec.kwargs, meta)
+        encoder_state = run.objective.encoder.state_dict()
+        weights, _ = export_encoder(
+            run.run_dir, encoder_state, run.spec.name, run.spec.kwargs, meta
+        )
         summary["export"] = str(weights)
         summary["wall_s"] = round(time.perf_counter() - started, 1)
-        (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
-    tracker.finish()
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    run.tracker.finish()
     accelerator.wait_for_everyone()
     return summary
 
 
-# --- optimizer and schedule ---------------------------------------------------------------------
-
-
-def optimizer_phases(objective: torch.nn.Module) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
-    """{phase: [(name, parameter)]}: the objective's own phases, or one phase "main" with all
-    trainable parameters. A parameter may belong to one phase only."""
-    if not hasattr(objective, "optimizer_phases"):
-        return {"main": [(n, p) for n, p in objective.named_parameters() if p.requires_grad]}
-    names = {id(parameter): name for name, parameter in objective.named_parameters()}
-    phases, seen = {}, set()
-    for phase, parameters in objective.optimizer_phases().items():
-        phases[phase] = []
-        for parameter in parameters:
-            if id(parameter) in seen:
-                raise ValueError(f"parameter {names[id(parameter)]} is in two optimizer phases")
-            seen.add(id(parameter))
-            phases[phase].append((names[id(parameter)], parameter))
-    return phases
-
-
-def _phase_outputs(outputs: dict, phase: str) -> dict:
-    """A phase's `loss` is logged as loss_<phase>; `loss` becomes the sum over phases."""
-    return {**outputs, f"loss_{phase}": outputs["loss"]}
-
-
-def learning_rate(step: int, base_lr: float, warmup: int, total: int, min_lr: float) -> float:
-    """Linear warmup over `warmup` optimizer steps, then half-cosine down to `min_lr`."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-# --- data ----------------------------------------------------------------------------------------
-
-
-class TrainingStream:
-    """Endless training batches for one rank: resampled chunks ("epochs") of steps_per_epoch
-    micro-batches each, so every rank takes the same number of steps and the position after
-    micro-step s is (epoch, offset) = divmod(s, steps_per_epoch)."""
-
-    def __init__(self, config: Config, shards: list[str], sample_transform, rank: int, world: int):
-        self.config, self.shards, self.sample_transform = config, shards, sample_transform
-        self.rank, self.world = rank, world
-        self.epoch = 0
-        self._skipped_in_past_epochs = 0
-        self._loader = None
-
-    @property
-    def skipped(self) -> int:
-        current = self._loader.skipped if self._loader is not None else 0
-        return self._skipped_in_past_epochs + current
-
-    def batches(self, start_micro_step: int):
-        data = self.config.data
-        self.epoch, offset = divmod(start_micro_step, data.steps_per_epoch)
-        while True:
-            self._loader = train_loader(
-                self.shards,
-                self.sample_transform,
-                batch_size=data.batch_size,
-                steps_per_epoch=data.steps_per_epoch,
-                epoch=self.epoch,
-                seed=self.config.train.seed,
-                rank=self.rank,
-                world_size=self.world,
-                num_workers=data.num_workers,
-                shuffle_buffer=data.shuffle_buffer,
-                start_step=offset,
-                allow_pipe=data.allow_pipe,
-            )
-            batches = iter(self._loader)
-            with stop_signals_blocked():  # the loader's worker processes start here
-                first = next(batches, None)
-            if first is None:
-                raise RuntimeError("the training shards yielded no readable samples")
-            yield first
-            yield from batches
-            self._skipped_in_past_epochs += self._loader.skipped
-            self.epoch, offset = self.epoch + 1, 0
+# --- helpers -------------------------------------------------------------------------------------
 
 
 def _use_demo_data_if_unset(config: Config, accelerator) -> None:
@@ -364,11 +343,9 @@ def _use_demo_data_if_unset(config: Config, accelerator) -> None:
     data = config.data
     if data.train_shards:
         return
-    arguments = (data.demo_dir, data.demo_train_samples, data.demo_val_samples, data.image_size)
-    if accelerator.is_main_process:
-        ensure_demo_data(*arguments, seed=0)
-    accelerator.wait_for_everyone()
-    demo = ensure_demo_data(*arguments, seed=0)  # already written: only reads the indexes
+    demo = demo_shards(
+        accelerator, data.demo_dir, data.demo_train_samples, data.demo_val_samples, data.image_size
+    )
     data.train_shards = demo["train"]
     data.val_shards = data.val_shards or demo["val"]
 
@@ -378,10 +355,6 @@ def _to_device(batch: dict, device) -> dict:
         key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
         for key, value in batch.items()
     }
-
-
-def _step_seed(seed: int, step: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
 def _per_rank(accelerator, count: int) -> list[int]:
@@ -397,185 +370,3 @@ def _own_count(state: dict, rank: int, world: int) -> int:
     if per_rank is not None and len(per_rank) == world:
         return per_rank[rank]
     return state.get("skipped_samples", 0) if rank == 0 else 0
-
-
-# --- stopping early: signals, non-finite steps ---------------------------------------------------
-
-
-class NonFiniteLossError(RuntimeError):
-    """train.max_nonfinite_steps steps in a row had NaN/Inf losses or gradients (one line)."""
-
-
-class StopSignals:
-    """SIGTERM and SIGUSR1 only note that a stop was asked for; the loop stops at the next step
-    boundary. Installed from the main thread only, the previous handlers restored on exit.
-    The loader's worker processes ignore both (see stop_signals_blocked)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous: dict = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for number in self.SIGNALS:
-                self._previous[number] = signal.signal(number, self._note)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-
-    def _note(self, number, frame) -> None:
-        self.received = signal.Signals(number).name
-
-
-@contextlib.contextmanager
-def stop_signals_blocked():
-    """SIGTERM and SIGUSR1 wait while this block runs (and are handled after it); processes
-    forked meanwhile (DataLoader workers) keep them blocked for life. Launchers and Slurm signal
-    every process of a job, and torch's loader workers die of SIGTERM, which would crash the
-    training process instead of letting it checkpoint and stop. SIGKILL still ends a worker."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, StopSignals.SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def _stop_on_any_rank(
-    accelerator, stop_signals: StopSignals, out_of_time: bool
-) -> tuple[str | None, bool]:
-    """The same answer on every rank, from one tiny all-reduce: (the stop signal if any rank
-    got one, else None; whether the main process's clock says the time limit is reached)."""
-    flags = torch.tensor(
-        [int(stop_signals.received is not None), int(out_of_time and accelerator.is_main_process)],
-        device=accelerator.device,
-    )
-    signalled, timed_out = sum_across_processes(accelerator, flags).tolist()
-    if signalled:
-        return stop_signals.received or "a signal to another rank", False
-    return None, timed_out > 0
-
-
-def _finite_on_every_rank(accelerator, *values) -> bool:
-    """Whether every rank's values are all finite: one tiny all-reduce, and the host waits."""
-    checks = [torch.isfinite(torch.as_tensor(v, device=accelerator.device)).all() for v in values]
-    nonfinite = (~torch.stack(checks).all()).to(torch.int64).reshape(1)
-    return sum_across_processes(accelerator, nonfinite).item() == 0
-
-
-# --- run directory, logging ----------------------------------------------------------------------
-
-
-def _open_run_dir(config: Config, accelerator, resume_dir) -> tuple[Path, str]:
-    """Create (or reopen, on resume) the run directory; returns it and the W&B run id."""
-    if resume_dir is not None:
-        run_dir = Path(resume_dir)
-        run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
-        return run_dir, run_id
-    name = config.train.run_name or broadcast_from_main(
-        accelerator, f"{config.objective.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    )
-    run_dir = Path(config.train.output_dir) / name
-    if latest_checkpoint(run_dir) is not None:  # the same command again: continue that run
-        changed = _changed_settings(config, run_dir)
-        if changed:
-            raise ConfigError(
-                f"run directory {run_dir} holds checkpoints of a run with other settings "
-                f"({', '.join(changed)}): rerun the same command to continue it, or pick "
-                "another train.run_name"
-            )
-        accelerator.wait_for_everyone()  # every rank has read the old config.yaml
-        if accelerator.is_main_process:
-            save_config(config, run_dir / "config.yaml")  # e.g. a longer train.steps
-        run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
-        return run_dir, run_id
-    if run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / "run.json").is_file():
-        raise ConfigError(f"{run_dir} exists and is not a run directory; pick another run name")
-    run_id = broadcast_from_main(accelerator, uuid.uuid4().hex[:12])
-    if accelerator.is_main_process:
-        if run_dir.exists():  # an earlier start of this run that died before its first checkpoint
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
-        save_config(config, run_dir / "config.yaml")
-        (run_dir / "run.json").write_text(json.dumps({"run_id": run_id}))
-    accelerator.wait_for_everyone()
-    return run_dir, run_id
-
-
-# What a continued run may change: how long it runs, how often it saves, what it logs.
-_CHANGEABLE_ON_RESUME = (
-    "train.steps",
-    "train.checkpoint_every",
-    "train.keep_checkpoints",
-    "train.max_nonfinite_steps",
-    "train.time_limit_minutes",
-    "train.compile",
-    "logging.",
-)
-
-
-def _changed_settings(config: Config, run_dir: Path) -> list[str]:
-    """Keys whose values differ from the run directory's config.yaml, apart from the changeable
-    ones; keys that the saved config lacks (added to the code since) are not compared."""
-    saved_file = run_dir / "config.yaml"
-    saved = yaml.safe_load(saved_file.read_text()) if saved_file.is_file() else {}
-    changed = []
-    for section, values in to_dict(config).items():
-        for key, value in values.items():
-            dotted = f"{section}.{key}"
-            before = (saved or {}).get(section) or {}
-            if dotted.startswith(_CHANGEABLE_ON_RESUME) or key not in before:
-                continue
-            if before[key] != value:
-                changed.append(dotted)
-    return changed
-
-
-class _Window:
-    """Running sums of the objective's scalar outputs between two log lines, kept on device so
-    the loop never waits for the host."""
-
-    def __init__(self, device):
-        self.device = device
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.steps = 0
-        self.started = time.perf_counter()
-
-    def add(self, outputs: dict, accum: int) -> None:
-        for key, value in outputs.items():
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                previous = self.sums.get(key, torch.zeros((), device=self.device))
-                self.sums[key] = previous + value.detach().float() / accum
-
-    def means(self, accelerator) -> dict:
-        keys = sorted(self.sums)
-        stacked = torch.stack([self.sums[key] for key in keys]) / max(1, self.steps)
-        averaged = mean_across_processes(accelerator, stacked).tolist()
-        return dict(zip(keys, averaged))
-
-    def elapsed(self) -> float:
-        return max(time.perf_counter() - self.started, 1e-9)
-
-
-@torch.no_grad()
-def _log_pictures(model, batch: dict, tracker: Tracker, step: int) -> None:
-    if not hasattr(model, "visualize"):
-        return
-    was_training = model.training
-    model.eval()
-    for name, rows in model.visualize(batch).items():  # rows: [R, C, 3, H, W]
-        tracker.log_images(
-            name,
-            rows.flatten(0, 1),
-            step,
-            columns=rows.shape[1],
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-        )
-    model.train(was_training)

@@ -1,17 +1,63 @@
-"""Optimizers: AdamW (MAE, CLIP) and LARS (SimCLR at large batch), with the usual exclusions.
+"""Optimizers, their phases and the learning-rate schedule, for pretraining and finetuning.
 
-Weight decay applies to weight matrices only: biases and norm parameters (1-D) and whatever a
-module lists in `no_weight_decay()` (timm's convention: position embeddings, cls/register tokens)
-get none, and LARS also leaves them out of its trust ratio, as in the SimCLR recipe.
+Optimizers: AdamW (MAE, CLIP) and LARS (SimCLR at large batch). Weight decay applies to weight
+matrices only: biases and norm parameters (1-D) and whatever a module lists in
+`no_weight_decay()` (timm's convention: position embeddings, cls/register tokens) get none, and
+LARS also leaves them out of its trust ratio, as in the SimCLR recipe.
+
+Learning rate: `scaled_lr` (lr = blr x global batch / 256 unless an absolute lr is given), then
+`learning_rate` per optimizer step (linear warmup, half-cosine), applied with
+`set_learning_rate` (times each group's `lr_scale`, which layer-wise decay sets).
 """
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 import torch
 
-from pretrain.config import ConfigError, OptimizerConfig
+from pretrain.objectives import PhasedObjective
 
-OPTIMIZERS = ("adamw", "lars")
+if TYPE_CHECKING:
+    from pretrain.config import OptimizerConfig
+
+
+def scaled_lr(blr: float, lr: float | None, global_batch: int) -> float:
+    """`lr` when given, else the linear scaling rule blr x global batch / 256 (Goyal et al.;
+    the MAE recipes state their lr this way)."""
+    return lr or blr * global_batch / 256
+
+
+def learning_rate(step: int, base_lr: float, warmup: int, total: int, min_lr: float) -> float:
+    """Linear warmup over `warmup` optimizer steps, then half-cosine down to `min_lr`."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's lr = lr x its `lr_scale` (1 unless layer-wise decay set one)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def optimizer_phases(objective: torch.nn.Module) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
+    """{phase: [(name, parameter)]}: a PhasedObjective's own phases, or one phase "main" with
+    all trainable parameters. A parameter may belong to one phase only."""
+    if not isinstance(objective, PhasedObjective):
+        return {"main": [(n, p) for n, p in objective.named_parameters() if p.requires_grad]}
+    names = {id(parameter): name for name, parameter in objective.named_parameters()}
+    phases, seen = {}, set()
+    for phase, parameters in objective.optimizer_phases().items():
+        phases[phase] = []
+        for parameter in parameters:
+            if id(parameter) in seen:
+                raise ValueError(f"parameter {names[id(parameter)]} is in two optimizer phases")
+            seen.add(id(parameter))
+            phases[phase].append((names[id(parameter)], parameter))
+    return phases
 
 
 def no_weight_decay_names(model: torch.nn.Module) -> set[str]:
@@ -30,10 +76,6 @@ def build_optimizer(
     lr: float,
 ) -> torch.optim.Optimizer:
     """One optimizer over `named_parameters`: a decayed group and an excluded group."""
-    if settings.name not in OPTIMIZERS:
-        raise ConfigError(
-            f"unknown optimizer.name '{settings.name}' (known: {', '.join(OPTIMIZERS)})"
-        )
     decay, excluded = [], []
     for name, parameter in named_parameters:
         if parameter.requires_grad:
@@ -47,8 +89,7 @@ def build_optimizer(
         return LARS(groups, lr=lr, momentum=settings.momentum, eta=settings.trust_coefficient)
     for group in groups:
         del group["lars_exclude"]
-    # Fused kernels on CUDA and CPU: on this 2-core CPU the optimizer step ran 2.9x faster and
-    # the MAE demo training step 3-4% faster (benchmarks/speedups.py).
+    # Fused kernels on CUDA and CPU: measurably faster than foreach (benchmarks/speedups.py).
     devices = {p.device.type for group in groups for p in group["params"]}
     fused = (bool(devices) and devices <= {"cuda", "cpu"}) or None
     return torch.optim.AdamW(groups, lr=lr, betas=settings.betas, eps=settings.eps, fused=fused)

@@ -1,4 +1,5 @@
-"""Run tracking: W&B through Accelerate's tracker (main process only), metrics.jsonl, PNG grids.
+"""Run tracking: W&B through Accelerate's tracker (main process only), metrics.jsonl, PNG grids,
+and the window of metrics between two log lines.
 
 W&B goes offline when no API key is configured, so a run never waits on the network; set
 `logging.wandb=false` to skip it entirely. `metrics.jsonl` in the run directory is always written.
@@ -9,11 +10,16 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from torchvision.utils import make_grid, save_image
+
+from pretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pretrain.distributed import mean_across_processes
+from pretrain.objectives import Visualizing
 
 
 def wandb_mode(requested: str) -> str:
@@ -86,6 +92,18 @@ class Tracker:
             self.accelerator.get_tracker("wandb").log_images({name: [array]}, step=step)
         return path
 
+    @torch.no_grad()
+    def log_pictures(self, objective: torch.nn.Module, batch: dict, step: int) -> None:
+        """The objective's pictures of `batch` (a Visualizing objective's), in eval mode."""
+        if not self.is_main or not isinstance(objective, Visualizing):
+            return
+        was_training = objective.training
+        objective.eval()
+        for name, rows in objective.visualize(batch).items():  # rows: [R, C, 3, H, W]
+            columns = rows.shape[1]
+            self.log_images(name, rows.flatten(0, 1), step, columns, IMAGENET_MEAN, IMAGENET_STD)
+        objective.train(was_training)
+
     def finish(self) -> None:
         if not self.is_main:
             return
@@ -93,3 +111,32 @@ class Tracker:
         if self.use_wandb:
             # Not accelerator.end_training(): that also tears down the process group.
             self.accelerator.get_tracker("wandb").finish()
+
+
+class MetricWindow:
+    """Running sums of the objective's scalar outputs between two log lines, kept on device so
+    the loop never waits for the host."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def add(self, outputs: dict, accum: int) -> None:
+        for key, value in outputs.items():
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                previous = self.sums.get(key, torch.zeros((), device=self.device))
+                self.sums[key] = previous + value.detach().float() / accum
+
+    def means(self, accelerator) -> dict:
+        keys = sorted(self.sums)
+        stacked = torch.stack([self.sums[key] for key in keys]) / max(1, self.steps)
+        averaged = mean_across_processes(accelerator, stacked).tolist()
+        return dict(zip(keys, averaged))
+
+    def elapsed(self) -> float:
+        return max(time.perf_counter() - self.started, 1e-9)

@@ -1,22 +1,14 @@
+"""Fixtures and test-session settings; helpers the tests import live in tests/helpers.py."""
+
 import os
-import socket
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # Tests never talk to W&B servers and never compete with each other for the 2 cores.
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -51,36 +43,3 @@ def tiny_run(demo_dir, tmp_path):
         "logging.wandb=false",
         f"train.output_dir={tmp_path / 'runs'}",
     ]
-
-
-def python_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    return env
-
-
-PYTHON = sys.executable
-
-
-def train_on_two_ranks(tmp_path: Path, overrides: list[str], timeout: int = 300):
-    """A real `accelerate launch` of 2 gloo CPU processes running tests/two_rank_train.py.
-
-    Returns (rank 0's state dict, rank 1's state dict, the launcher's stdout + stderr); fails
-    the test with the tail of stderr when the launch fails.
-    """
-    import subprocess
-
-    import torch
-
-    command = [
-        PYTHON, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--main_process_port", str(free_port()), "--mixed_precision", "no",
-        str(ROOT / "tests" / "two_rank_train.py"), str(tmp_path), *overrides,
-    ]  # fmt: skip
-    result = subprocess.run(
-        command, env=python_env(), capture_output=True, text=True, timeout=timeout, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    states = [torch.load(tmp_path / f"params_rank{r}.pt", weights_only=True) for r in (0, 1)]
-    return states[0], states[1], result.stdout + result.stderr

@@ -152,7 +152,7 @@ def test_speedups_measure_each_group(capsys):
     )  # fmt: skip
     measured = result["results"]
     assert set(measured) == set(groups.split(","))
-    assert list(measured["optimizer"]) == ["project", "fused", "forloop"]
+    assert list(measured["optimizer"]) == ["project", "foreach", "forloop"]
     assert measured["optimizer"]["project"]["gain_percent"] == 0
     assert 0 < measured["masking"]["share_of_step_percent"] < 100
 

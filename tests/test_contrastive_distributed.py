@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import PYTHON, ROOT, free_port, python_env
+from helpers import PYTHON, WORKERS, free_port, python_env
 
 from pretrain.distributed import gather_with_grad, world_info
 
@@ -27,7 +27,7 @@ def ranks(tmp_path_factory):
     command = [
         PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(ROOT / "tests" / "contrastive_worker.py"), str(out),
+        str(WORKERS / "contrastive_worker.py"), str(out),
     ]  # fmt: skip
     result = subprocess.run(
         command, env=python_env(), capture_output=True, text=True, timeout=120, cwd=out

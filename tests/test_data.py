@@ -29,8 +29,8 @@ from pretrain.data import (
     write_imagefolder,
     write_shards,
 )
+from pretrain.data.cli import main
 from pretrain.data.demo import COLOURS, SHAPES
-from pretrain.data.write import main
 
 # ----------------------------------------------------------------------------------------------
 # Fixtures: tiny image files and shards
@@ -123,7 +123,7 @@ def test_imagefolder_skips_non_images_with_one_warning(tmp_path, caplog):
     make_imagefolder(tmp_path / "src", {"a": 2, "b": 2})
     (tmp_path / "src" / "a" / "notes.txt").write_text("not an image")
     (tmp_path / "src" / "b" / "broken.jpg").write_bytes(b"\xff\xd8 garbage")
-    with caplog.at_level(logging.WARNING, logger="pretrain.data.write"):
+    with caplog.at_level(logging.WARNING, logger="pretrain.data.sources"):
         index = write_imagefolder(tmp_path / "src", tmp_path / "out", progress=False)
     assert index["num_samples"] == 4 and index["skipped"] == 2
     warnings = [record for record in caplog.records if record.levelno == logging.WARNING]

@@ -3,7 +3,7 @@ import json
 import pytest
 import timm
 import torch
-from conftest import train_on_two_ranks
+from helpers import train_on_two_ranks
 from safetensors.torch import load_file
 
 from pretrain.__main__ import main as pretrain_main

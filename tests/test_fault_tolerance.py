@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
-from conftest import PYTHON, ROOT, free_port, python_env
+from helpers import PYTHON, ROOT, WORKERS, free_port, python_env
 from PIL import Image
 
 from pretrain.__main__ import EXIT_DIVERGED, EXIT_PREEMPTED
@@ -210,7 +210,7 @@ def test_sigusr1_stops_a_single_process_run_with_the_documented_code(run_args, t
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint_loadable(run_args, tmp_path):
     args = [*run_args, "train.run_name=save-killed", "train.steps=5"]
     run_dir = run_dir_of(run_args, "save-killed")
-    worker = ROOT / "tests" / "fault_slow_save_worker.py"
+    worker = WORKERS / "fault_slow_save_worker.py"
     process = subprocess.Popen(
         [PYTHON, str(worker), str(tmp_path), "3", *args],
         env=python_env(),
@@ -293,7 +293,7 @@ def test_damaged_missing_and_uneven_shards_do_not_stop_two_processes(
     run_dir = run_dir_of(run_args, "damaged")
     args = [*run_args, "train.run_name=damaged", f"data.train_shards={train}", "train.steps=6"]
     log = tmp_path / "log"
-    worker = str(ROOT / "tests" / "fault_bad_data_worker.py")
+    worker = str(WORKERS / "fault_bad_data_worker.py")
     command = [
         PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--main_process_port", str(free_port()),
@@ -330,7 +330,7 @@ def test_damaged_missing_and_uneven_shards_do_not_stop_two_processes(
 
 
 def nonfinite_run(run_args, tmp_path, name, nan_steps, extra=()):
-    worker = str(ROOT / "tests" / "fault_nonfinite_worker.py")
+    worker = str(WORKERS / "fault_nonfinite_worker.py")
     command = [
         PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--main_process_port", str(free_port()),

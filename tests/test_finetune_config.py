@@ -28,7 +28,7 @@ def test_yaml_then_flags_then_overrides(tmp_path):
 @pytest.mark.parametrize(
     "override, fragment",
     [
-        ("data.pool=max", "data.pool must be avg or cls"),
+        ("data.pool=max", "config key 'data.pool' must be one of avg, cls"),
         ("knn.k=0", "knn.k must be at least 1"),
         ("linear.learning_rates=[0.1, -1]", "linear.learning_rates"),
         ("zeroshot.templates=['no placeholder']", "zeroshot.templates"),

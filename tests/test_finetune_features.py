@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 import webdataset as wds
-from conftest import PYTHON, ROOT, free_port, python_env
+from helpers import PYTHON, WORKERS, free_port, python_env
 from PIL import Image
 
 from finetune.features import (
@@ -78,7 +78,7 @@ def test_two_processes_extract_each_sample_once_lined_up_with_labels(tmp_path):
     command = [
         PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_port", str(free_port()),
-        str(ROOT / "tests" / "finetune_extract_worker.py"), str(shards), str(out),
+        str(WORKERS / "finetune_extract_worker.py"), str(shards), str(out),
     ]  # fmt: skip
     result = subprocess.run(
         command, env=python_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path

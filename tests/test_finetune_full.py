@@ -4,13 +4,14 @@ import subprocess
 import pytest
 import timm
 import torch
-from conftest import PYTHON, free_port, python_env
+from helpers import PYTHON, free_port, python_env
 from safetensors.torch import load_file
 
 from finetune.__main__ import main as finetune_main
-from finetune.config import FullSettings
-from finetune.full import build_optimizer, set_learning_rate
+from finetune.config import FullConfig
+from finetune.full import build_optimizer
 from pretrain.__main__ import main as pretrain_main
+from pretrain.optim import set_learning_rate
 
 
 def test_layer_decay_follows_timm_block_numbering():
@@ -22,7 +23,7 @@ def test_layer_decay_follows_timm_block_numbering():
         "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=depth, embed_dim=32,
         num_heads=2, num_classes=5,
     )  # fmt: skip
-    optimizer = build_optimizer(model, FullSettings(layer_decay=decay), base_lr)
+    optimizer = build_optimizer(model, FullConfig(layer_decay=decay), base_lr)
     set_learning_rate(optimizer, base_lr)
     lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     decay_of = {

@@ -7,18 +7,17 @@ import math
 import pytest
 import timm
 import torch
-from conftest import train_on_two_ranks
+from helpers import train_on_two_ranks
 from safetensors.torch import load_file
 
 from pretrain.__main__ import main as pretrain_main
 from pretrain.checkpoint import list_checkpoints, load_checkpoint
 from pretrain.config import load_config
-from pretrain.engine import optimizer_phases
 from pretrain.models.dcgan import DCGANEncoder
 from pretrain.objectives import build_objective
 from pretrain.objectives.gan import discriminator_loss, generator_loss, mean_pairwise_distance
 from pretrain.objectives.vae import kl_to_standard_normal, reparameterize
-from pretrain.optim import build_optimizer, no_weight_decay_names
+from pretrain.optim import build_optimizer, no_weight_decay_names, optimizer_phases
 
 DCGAN_ENCODER = ["model.name=dcgan_encoder", "model.kwargs={width: 8, depth: 3}"]
 TINY_PARTS = [
@@ -282,7 +281,10 @@ def test_two_gloo_processes_keep_gan_replicas_identical(generative_run, tmp_path
 @pytest.mark.parametrize(
     "override, fragment",
     [
-        ("gan.generator_loss=wasserstein", "unknown gan.generator_loss 'wasserstein'"),
+        (
+            "gan.generator_loss=wasserstein",
+            "config key 'gan.generator_loss' must be one of non_saturating, minimax",
+        ),
         ("data.image_size=48", "power of two"),
     ],
 )

@@ -12,7 +12,7 @@ import time
 import pytest
 import timm.models.vision_transformer
 from accelerate.commands.config.config_args import load_config_from_file
-from conftest import PYTHON, ROOT, free_port, python_env
+from helpers import PYTHON, ROOT, free_port, python_env
 
 from pretrain.checkpoint import list_checkpoints
 

@@ -3,7 +3,7 @@ only, so the paper-sized ones cost no memory)."""
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
 from pretrain.config import load_config
 from pretrain.objectives import build_objective

@@ -1,42 +1,39 @@
-"""Shard writing (ImageFolder, caption lists, embedded demo set), shard reading, transforms.
+"""The data layer: shards written, read, decoded, transformed, batched.
 
-The public names below are imported lazily (PEP 562 `__getattr__`): importing every submodule
-here would put `pretrain.data.write` into sys.modules before `python -m pretrain.data.write`
-runs it, and runpy then warns about executing an already imported module.
+shards.py      shard specs -> shard urls; sample counts from the index files
+write.py       samples -> tar shards + index (the one format); sources.py: image folders,
+               caption lists; demo.py: the embedded demo set; cli.py: `pretrain shards`
+samples.py     per-sample stages: read, decode, seeded transform, collate, skip counts
+streams.py     training (resampled, seeded, endless) and evaluation (exact) streams
+loader.py      the DataLoader around a stream, with skip counting
+transforms.py  every sample transform (view_params.py: SimCLR's per-view random draws)
 """
 
-import importlib
-from typing import TYPE_CHECKING
-
-from pretrain.data.errors import DataError
-
-_HOME_OF = {
-    "write_shards": "write",
-    "write_imagefolder": "write",
-    "write_captions": "write",
-    "write_demo": "demo",
-    "ensure_demo_data": "demo",
-    "expand_shards": "read",
-    "count_samples": "read",
-    "train_loader": "read",
-    "eval_loader": "read",
-    "ShardLoader": "read",
-    "decode_sample": "read",
-    "collate": "read",
-    "mae_train_transform": "transforms",
-    "eval_transform": "transforms",
-    "IMAGENET_MEAN": "transforms",
-    "IMAGENET_STD": "transforms",
-}
+from pretrain.data.demo import demo_shards, ensure_demo_data, write_demo
+from pretrain.data.loader import ShardLoader
+from pretrain.data.samples import collate, decode_sample
+from pretrain.data.shards import count_samples, expand_shards
+from pretrain.data.sources import write_captions, write_imagefolder
+from pretrain.data.streams import TrainingStream, eval_loader, train_loader
+from pretrain.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    eval_transform,
+    mae_train_transform,
+)
+from pretrain.data.write import write_shards
+from pretrain.errors import DataError
 
 __all__ = [
     "DataError",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ShardLoader",
+    "TrainingStream",
     "collate",
     "count_samples",
     "decode_sample",
+    "demo_shards",
     "ensure_demo_data",
     "eval_loader",
     "eval_transform",
@@ -48,29 +45,3 @@ __all__ = [
     "write_imagefolder",
     "write_shards",
 ]
-
-if TYPE_CHECKING:
-    from pretrain.data.demo import ensure_demo_data, write_demo
-    from pretrain.data.read import (
-        ShardLoader,
-        collate,
-        count_samples,
-        decode_sample,
-        eval_loader,
-        expand_shards,
-        train_loader,
-    )
-    from pretrain.data.transforms import (
-        IMAGENET_MEAN,
-        IMAGENET_STD,
-        eval_transform,
-        mae_train_transform,
-    )
-    from pretrain.data.write import write_captions, write_imagefolder, write_shards
-
-
-def __getattr__(name: str):
-    if name not in _HOME_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module = importlib.import_module(f"{__name__}.{_HOME_OF[name]}")
-    return getattr(module, name)

@@ -14,9 +14,8 @@ Why it looks like this: the set has to reward self-supervised pretraining. The l
 shape; colour, size, position and background are random and independent of it, so the class is
 not readable from mean colour or any single pixel, and the textures add nuisance that a randomly
 initialised encoder passes straight through. An encoder that learnt to reconstruct images (MAE)
-has to model edges and outlines, which is what the shape label needs. Measured with
-configs/pretrain/demo_mae.yaml (600 steps, 2 CPU cores): linear probe top-1 0.37 after MAE
-against 0.28 for the random-init encoder (chance 0.17).
+has to model edges and outlines, which is what the shape label needs. What the demo's
+pretraining buys on it is measured in docs/ and benchmarks/README.md.
 
 Images are lossless PNG. Generation is a pure function of (count, image size, seed).
 """
@@ -32,8 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pretrain.data.errors import DataError
 from pretrain.data.write import index_name, write_shards
+from pretrain.errors import DataError
 
 # Bump when the drawing changes, so cached demo data from an older version is not reused.
 DEMO_VERSION = 2
@@ -268,6 +267,17 @@ def ensure_demo_data(
         "val": str(target / index_name("val")) if num_val > 0 else "",
         "dir": str(target),
     }
+
+
+def demo_shards(
+    accelerator, demo_dir: str | Path, num_train: int, num_val: int, image_size: int
+) -> dict[str, str]:
+    """ensure_demo_data on every process of `accelerator`: the main process writes the set (with
+    a progress bar) while the others wait, then they read its indexes."""
+    with accelerator.main_process_first():
+        return ensure_demo_data(
+            demo_dir, num_train, num_val, image_size, seed=0, progress=accelerator.is_main_process
+        )
 
 
 def _is_complete(folder: Path, parameters: dict) -> bool:

@@ -1,9 +1,10 @@
 """Sample transforms: decoded sample dict -> dict of tensors and plain values, one sample at a time.
 
-The reader hands each transform {"image": PIL RGB image, "key": str, "label": int (if labelled),
-"caption": str (if captioned)} and batches whatever comes back. Objectives that need more than
-one image view (SimCLR) or token ids (CLIP) write their own transform with the same interface;
-the reader keeps "key" even when a transform drops it.
+Every transform the loaders run lives here; each objective's file only picks one and its
+settings (its `train_transform` factory). The reader hands each transform {"image": PIL RGB
+image, "key": str, "label": int (if labelled), "caption": str (if captioned)} and batches
+whatever comes back; it keeps "key" even when a transform drops it. A transform may define
+`finish_batch(batch)` for work done once per collated batch (normalizing uint8 crops).
 
 Random transforms draw from the global torch RNG; the reader seeds it per sample, so the same
 (seed, epoch, rank, position) always gives the same crop.
@@ -16,13 +17,12 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from pretrain.data.view_augment import (
+from pretrain.data.view_params import (
     CROP_DRAWS,
     PARAM_DRAWS,
     blur_probability,
     draw_view_params,
     jitter_groups,
-    normalize_pixels,
     random_crop_box,
 )
 
@@ -30,6 +30,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_ASPECT_RATIOS = (3 / 4, 4 / 3)  # RandomResizedCrop's default range
 VIEW_DRAWS = CROP_DRAWS + 1 + PARAM_DRAWS  # uniforms one SimCLR view uses: crop, flip, colours
+
+
+def normalize_pixels(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> float32 normalized with per-channel mean and std ([3] each)."""
+    return (images.float().div_(255) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
 def normalize_batch(
@@ -78,9 +83,8 @@ class CropFlip:
     """Random resized crop and horizontal flip: PIL image -> uint8 [3, size, size].
 
     One PIL resize with a source box does the crop and the resize; the result stays uint8 and
-    is normalized a batch at a time (ImageTransform.finish_batch). On this project's 2-core CPU
-    that cut MAE's per-image transform from about 0.42 ms (torchvision crop, ToTensor,
-    Normalize) to about 0.1 ms.
+    is normalized a batch at a time (ImageTransform.finish_batch), which costs the loader much
+    less than torchvision's crop, ToTensor and Normalize per image (benchmarks/README.md).
     """
 
     def __init__(
@@ -154,13 +158,34 @@ def eval_transform(
     )
 
 
+def generative_transform(
+    image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> ImageTransform:
+    """Resize and centre-crop to image_size, random horizontal flip, normalize.
+
+    Reconstruction and generative objectives learn the image distribution itself, so they get
+    no augmentation beyond a flip (which leaves that distribution unchanged for natural images).
+    """
+    return ImageTransform(
+        T.Compose(
+            [
+                T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
+                T.CenterCrop(image_size),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(mean, std),
+            ]
+        )
+    )
+
+
 class SimCLRViews:
     """SimCLR sample transform (Chen et al., 2020, appendix A), the loader's half: two random
     resized crops with horizontal flips (uint8 [3, H, W] per sample, normalized float32 per
     batch) and each view's colour parameters ([VIEW_PARAMS] float32, "view_params" and
     "view_params2"). The colour jitter, grayscale and blur are applied batched on the training
-    device by the objective (pretrain/data/view_augment.py): in PIL they cost a loader worker
-    2.3 ms an image on this project's CPU, which starved the step.
+    device by the objective (pretrain/models/color_augment.py): in PIL, per image, they starved
+    the training step on a small CPU.
 
     Each view takes VIEW_DRAWS uniforms in one call of the torch RNG (seeded per sample by the
     reader): crop, flip, colour parameters; view 1 first.

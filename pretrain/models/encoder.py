@@ -11,9 +11,7 @@ from dataclasses import dataclass, field
 import timm
 import torch.nn as nn
 
-
-class ModelError(ValueError):
-    """A model name or argument that timm cannot build; one line for the user."""
+from pretrain.errors import ModelError
 
 
 @dataclass

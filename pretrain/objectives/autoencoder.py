@@ -7,16 +7,27 @@ feature map, so the decoder can know where things are.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision import transforms as T
 
-from pretrain.config import Config
-from pretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
+from pretrain.data.transforms import ImageTransform, generative_transform
 from pretrain.models.dcgan import DCGANGenerator  # also registers `dcgan_encoder` with timm
 from pretrain.models.encoder import encoder_from_config
 from pretrain.models.feature_head import FeatureMapLinear
+from pretrain.objectives.registry import register_objective
+
+if TYPE_CHECKING:
+    from pretrain.config import Config
+
+
+@dataclass
+class AutoencoderConfig:
+    latent_dim: int = 128  # bottleneck width: a linear map from the flattened encoder feature map
+    decoder_width: int = 64  # DCGAN decoder: channels before the RGB layer, x2 per stage toward 4x4
 
 
 class Autoencoder(nn.Module):
@@ -41,6 +52,15 @@ class Autoencoder(nn.Module):
         return {"reconstruction": torch.stack([images, self.decoder(self.encode(images))], dim=1)}
 
 
+def generative_train_transform(config: Config) -> ImageTransform:
+    """The autoencoder's, the VAE's and the GAN's: pretrain.data.transforms.generative_transform
+    (resize, centre crop, flip) at data.image_size."""
+    return generative_transform(config.data.image_size)
+
+
+@register_objective(
+    "autoencoder", train_transform=generative_train_transform, section=AutoencoderConfig
+)
 def build_autoencoder(config: Config):
     encoder, spec = encoder_from_config(config)
     settings = config.autoencoder
@@ -48,23 +68,3 @@ def build_autoencoder(config: Config):
         encoder, config.data.image_size, settings.latent_dim, settings.decoder_width
     )
     return model, spec
-
-
-def generative_train_transform(config: Config) -> ImageTransform:
-    """Resize and centre-crop to data.image_size, random horizontal flip, normalize.
-
-    Reconstruction and generative objectives learn the image distribution itself, so they get
-    no augmentation beyond a flip (which leaves that distribution unchanged for natural images).
-    """
-    size = config.data.image_size
-    return ImageTransform(
-        T.Compose(
-            [
-                T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
-                T.CenterCrop(size),
-                T.RandomHorizontalFlip(),
-                T.ToTensor(),
-                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-            ]
-        )
-    )

@@ -8,33 +8,43 @@ Shapes: B pairs on this process, N = B * processes, T context length, D shared e
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.config import CLIPConfig, Config, ConfigError
 from pretrain.data.transforms import ImageText, clip_image_transform
 from pretrain.distributed import gather_global_batch
 from pretrain.losses import clip_loss, retrieval_stats, siglip_loss
 from pretrain.models.encoder import encoder_from_config
 from pretrain.models.text import CaptionTokenizer, build_text_tower
+from pretrain.objectives.registry import register_objective
 
-LOSSES = ("clip", "siglip")
-NEGATIVES = ("global", "local")
+if TYPE_CHECKING:
+    from pretrain.config import Config
+
+
+@dataclass
+class CLIPConfig:
+    embed_dim: int = 256  # shared image-text embedding width
+    loss: Literal["clip", "siglip"] = "clip"  # clip: symmetric InfoNCE; siglip: pairwise sigmoid
+    negatives: Literal["global", "local"] = "global"  # local: this process's batch only
+    init_temperature: float = 0.07  # logit scale starts at ln(1/T); SigLIP starts at ln(10)
+    max_logit_scale: float = 100.0  # the scale is clamped to ln(100) as in CLIP
+    siglip_init_bias: float = -10.0
+    # Text tower: open_clip's TextTransformer with the CLIP BPE tokenizer (bundled, offline).
+    context_length: int = 32
+    text_width: int = 256
+    text_layers: int = 4
+    text_heads: int = 4
+    crop_scale: tuple[float, float] = (0.9, 1.0)  # light crops: the caption describes the image
 
 
 class CLIP(nn.Module):
     def __init__(self, encoder: nn.Module, settings: CLIPConfig):
         super().__init__()
-        if settings.loss not in LOSSES:
-            raise ConfigError(
-                f"clip.loss must be one of {', '.join(LOSSES)}, got '{settings.loss}'"
-            )
-        if settings.negatives not in NEGATIVES:
-            raise ConfigError(
-                f"clip.negatives must be one of {', '.join(NEGATIVES)}, got '{settings.negatives}'"
-            )
         self.encoder = encoder  # the image trunk: what gets exported
         self.image_projection = nn.Linear(encoder.num_features, settings.embed_dim, bias=False)
         self.tokenizer = CaptionTokenizer(settings.context_length)
@@ -96,13 +106,14 @@ class CLIP(nn.Module):
         }
 
 
-def build_clip(config: Config):
-    encoder, spec = encoder_from_config(config)
-    return CLIP(encoder, config.clip), spec
-
-
 def clip_train_transform(config: Config) -> ImageText:
     return ImageText(
         clip_image_transform(config.data.image_size, crop_scale=config.clip.crop_scale),
         CaptionTokenizer(config.clip.context_length),
     )
+
+
+@register_objective("clip", train_transform=clip_train_transform, section=CLIPConfig)
+def build_clip(config: Config):
+    encoder, spec = encoder_from_config(config)
+    return CLIP(encoder, config.clip), spec

@@ -13,17 +13,33 @@ computed from logits. Shapes: B batch, Z noise size (gan.noise_dim), S image siz
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.config import Config, ConfigError
+from pretrain.errors import ConfigError
 from pretrain.models.dcgan import DCGANGenerator  # also registers `dcgan_encoder` with timm
 from pretrain.models.encoder import encoder_from_config
 from pretrain.models.feature_head import FeatureMapLinear
+from pretrain.objectives.autoencoder import generative_train_transform
+from pretrain.objectives.registry import register_objective
 
-GENERATOR_LOSSES = ("non_saturating", "minimax")
+if TYPE_CHECKING:
+    from pretrain.config import Config
+
 PHASES = ("discriminator", "generator")
+
+
+@dataclass
+class GANConfig:
+    noise_dim: int = 100
+    generator_width: int = 64  # channels before the RGB layer, x2 per stage toward 4x4
+    # non_saturating: -log D(G(z)); minimax: the original log(1 - D(G(z)))
+    generator_loss: Literal["non_saturating", "minimax"] = "non_saturating"
+    sample_grid: int = 8  # fixed-noise samples drawn as a sample_grid x sample_grid picture
 
 
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -113,13 +129,9 @@ class GAN(nn.Module):
         return {"samples": self.generator(self.fixed_noise).unflatten(0, (grid, grid))}
 
 
+@register_objective("gan", train_transform=generative_train_transform, section=GANConfig)
 def build_gan(config: Config):
     settings = config.gan
-    if settings.generator_loss not in GENERATOR_LOSSES:
-        raise ConfigError(
-            f"unknown gan.generator_loss '{settings.generator_loss}' "
-            f"(known: {', '.join(GENERATOR_LOSSES)})"
-        )
     if settings.noise_dim < 1 or settings.sample_grid < 1:
         raise ConfigError("gan.noise_dim and gan.sample_grid must be >= 1")
     encoder, spec = encoder_from_config(config)

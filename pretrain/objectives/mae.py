@@ -5,15 +5,40 @@ Shapes: N batch, L patches, p patch size, E encoder width, P prefix tokens (cls/
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 from einops import rearrange
 from timm.models import checkpoint_seq
 
-from pretrain.config import Config, MAEConfig
-from pretrain.models.encoder import ModelError, encoder_from_config
+from pretrain.data.transforms import ImageTransform, mae_train_transform
+from pretrain.errors import ModelError
+from pretrain.models.encoder import encoder_from_config
 from pretrain.models.mae_decoder import MAEDecoder
 from pretrain.models.position import sincos_2d
+from pretrain.objectives.registry import register_objective
+
+if TYPE_CHECKING:
+    from pretrain.config import Config
+
+
+@dataclass
+class MAEConfig:
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+
+
+def patch_statistics(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch mean and std (eps 1e-6 under the root) of [N, L, D] patches: [N, L, 1] each,
+    the units of norm_pix_loss targets."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    std = (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+    return mean, std
 
 
 class MAE(nn.Module):
@@ -127,9 +152,8 @@ class MAE(nn.Module):
         """Mean squared error over masked patches only; prediction [N, L, p*p*C], mask [N, L]."""
         target = self.patchify(images)
         if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6) ** 0.5
+            mean, std = patch_statistics(target)
+            target = (target - mean) / std
         per_patch = ((prediction - target) ** 2).mean(dim=-1)  # [N, L]
         return (per_patch * mask).sum() / mask.sum()
 
@@ -155,9 +179,7 @@ class MAE(nn.Module):
         latent, mask, ids_restore = self.encode_visible(images)
         prediction = self.decoder(latent, ids_restore)
         if self.norm_pix_loss:  # predictions are in per-patch normalized units: undo with targets
-            target = self.patchify(images)
-            mean = target.mean(dim=-1, keepdim=True)
-            std = (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+            mean, std = patch_statistics(self.patchify(images))
             prediction = prediction * std + mean
         patch_mask = mask.unsqueeze(-1)  # [N, L, 1]
         masked_input = self.unpatchify(self.patchify(images) * (1 - patch_mask))
@@ -165,6 +187,11 @@ class MAE(nn.Module):
         return {"reconstruction": torch.stack([images, masked_input, pasted], dim=1)}
 
 
+def mae_transform(config: Config) -> ImageTransform:
+    return mae_train_transform(config.data.image_size)
+
+
+@register_objective("mae", train_transform=mae_transform, section=MAEConfig)
 def build_mae(config: Config):
     encoder, spec = encoder_from_config(config)
     return MAE(encoder, config.mae), spec

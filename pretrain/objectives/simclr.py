@@ -7,23 +7,44 @@ D projection width.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
 import torch
 import torch.nn as nn
 
-from pretrain.config import Config, ConfigError, SimCLRConfig
 from pretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SimCLRViews
-from pretrain.data.view_augment import (
-    augment_views,
-    blur_kernel_size,
-    blur_probability,
-    jitter_groups,
-)
+from pretrain.data.view_params import blur_probability, jitter_groups
 from pretrain.distributed import gather_global_batch
+from pretrain.errors import ConfigError
 from pretrain.losses import nt_xent, retrieval_stats
+from pretrain.models.color_augment import augment_views, blur_kernel_size
 from pretrain.models.encoder import encoder_from_config
 from pretrain.models.projection import ProjectionHead
+from pretrain.objectives.registry import register_objective
 
-NEGATIVES = ("global", "local")
+if TYPE_CHECKING:
+    from pretrain.config import Config
+
+
+@dataclass
+class SimCLRConfig:
+    temperature: float = 0.2
+    # Projection MLP: (layers - 1) x [Linear, BatchNorm, ReLU], then Linear without bias or ReLU.
+    projection_layers: int = 2
+    projection_hidden_dim: int = 512
+    projection_dim: int = 128
+    # global: the whole global batch (gathered); local: this process's batch only
+    negatives: Literal["global", "local"] = "global"
+    # Augmentation (SimCLR appendix A): crop, flip, colour jitter, grayscale, blur.
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    flip_p: float = 0.5
+    color_jitter: tuple[float, float, float, float] = (0.8, 0.8, 0.8, 0.2)  # b, c, s, hue
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    # None: 0.5 for images above 32 px, 0 at 32 px and below (the paper's CIFAR recipe)
+    blur_p: float | None = None
+    blur_kernel_fraction: float = 0.1  # Gaussian kernel side ~10% of the image, sigma 0.1-2
 
 
 class SimCLR(nn.Module):
@@ -33,9 +54,6 @@ class SimCLR(nn.Module):
 
     def __init__(self, encoder: nn.Module, settings: SimCLRConfig, image_size: int):
         super().__init__()
-        if settings.negatives not in NEGATIVES:
-            known, given = ", ".join(NEGATIVES), settings.negatives
-            raise ConfigError(f"simclr.negatives must be one of {known}, got '{given}'")
         if settings.temperature <= 0:
             raise ConfigError(f"simclr.temperature must be positive, got {settings.temperature}")
         self.encoder = encoder
@@ -90,11 +108,6 @@ class SimCLR(nn.Module):
         }
 
 
-def build_simclr(config: Config):
-    encoder, spec = encoder_from_config(config)
-    return SimCLR(encoder, config.simclr, config.data.image_size), spec
-
-
 def simclr_train_transform(config: Config) -> SimCLRViews:
     settings = config.simclr
     return SimCLRViews(
@@ -106,3 +119,9 @@ def simclr_train_transform(config: Config) -> SimCLRViews:
         grayscale_p=settings.grayscale_p,
         blur_p=settings.blur_p,
     )
+
+
+@register_objective("simclr", train_transform=simclr_train_transform, section=SimCLRConfig)
+def build_simclr(config: Config):
+    encoder, spec = encoder_from_config(config)
+    return SimCLR(encoder, config.simclr, config.data.image_size), spec

@@ -14,18 +14,42 @@ Shapes: B batch, D latent size (vae.latent_dim), S image size.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 
-from pretrain.config import Config, ConfigError, VAEConfig
+from pretrain.errors import ConfigError
 from pretrain.models.dcgan import DCGANGenerator  # also registers `dcgan_encoder` with timm
 from pretrain.models.encoder import encoder_from_config
 from pretrain.models.feature_head import FeatureMapLinear
+from pretrain.objectives.autoencoder import generative_train_transform
+from pretrain.objectives.registry import register_objective
+
+if TYPE_CHECKING:
+    from pretrain.config import Config
+
+
+@dataclass
+class VAEConfig:
+    latent_dim: int = 128
+    decoder_width: int = 64
+    beta: float = 1.0  # loss = per-image sum of squared errors + beta * KL(q(z|x) || N(0, I))
+    kl_warmup_steps: int = 1000  # optimizer steps over which beta rises linearly from 0
+    sample_grid: int = 8  # prior samples drawn as a sample_grid x sample_grid picture
+    traversal_dims: int = 8  # latent dimensions in the traversal picture (the most used ones)
+    traversal_range: float = 3.0  # each is swept over [-range, range]
+
+
+def twice_kl_terms(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """2 x KL(N(mu, exp(logvar)) || N(0, I)) per sample and dimension: [B, D] -> [B, D]."""
+    return mu.pow(2) + logvar.exp() - 1.0 - logvar
 
 
 def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) per sample, summed over dimensions: [B, D] -> [B]."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
+    return 0.5 * twice_kl_terms(mu, logvar).sum(dim=1)
 
 
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -101,7 +125,7 @@ class VAE(nn.Module):
         grid = self.sample_grid
         prior_samples = self.decoder(self.fixed_noise).unflatten(0, (grid, grid))
 
-        kl_per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean(dim=0)  # [D]
+        kl_per_dim = 0.5 * twice_kl_terms(mu, logvar).mean(dim=0)  # [D]
         dims = kl_per_dim.argsort(descending=True)[: self.traversal_dims]  # [k]
         values = torch.linspace(-self.traversal_range, self.traversal_range, grid, device=mu.device)
         codes = mu[:1].repeat(len(dims), grid, 1)  # [k, c, D]
@@ -114,6 +138,7 @@ class VAE(nn.Module):
         }
 
 
+@register_objective("vae", train_transform=generative_train_transform, section=VAEConfig)
 def build_vae(config: Config):
     settings = config.vae
     if settings.beta < 0 or settings.latent_dim < 1 or settings.sample_grid < 1:

@@ -15,13 +15,15 @@ import torch
 
 from pretrain import engine
 from pretrain.__main__ import main
-from pretrain.objectives import OBJECTIVES, ObjectiveEntry, build_mae
+from pretrain.objectives import OBJECTIVES, register_objective
+from pretrain.objectives.mae import build_mae
 
 out, nan_steps, nan_rank = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 bad_steps = {int(step) for step in nan_steps.split(",") if step}
 rank = int(os.environ.get("RANK", "0"))
 
 
+@register_objective("mae_with_nan", train_transform=OBJECTIVES["mae"].train_transform)
 def build_mae_with_nan(config):
     objective, spec = build_mae(config)
     forward, calls = objective.forward, iter(range(10**9))
@@ -41,9 +43,6 @@ def dump(objective, accelerator):
     torch.save(state, out / f"params_rank{accelerator.process_index}.pt")
 
 
-OBJECTIVES["mae_with_nan"] = ObjectiveEntry(
-    build=build_mae_with_nan, train_transform=OBJECTIVES["mae"].train_transform
-)
 train = engine.train
 engine.train = lambda config, resume_dir=None: train(config, resume_dir, on_end=dump)
 sys.exit(main(["objective.name=mae_with_nan", *sys.argv[4:]]))

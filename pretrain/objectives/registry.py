@@ -1,0 +1,86 @@
+"""The objective contract and registry: `@register_objective` as timm's `@register_model`.
+
+An objective file defines its nn.Module, its config section (a dataclass; the YAML section named
+like the objective), its sample transform factory, and a build function decorated with
+`register_objective`. Nothing else lists objectives: the package imports every module in it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn as nn
+
+from pretrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pretrain.config import Config
+    from pretrain.models.encoder import EncoderSpec
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """What the engine trains: an nn.Module whose forward returns {"loss": scalar, ...}; any
+    other scalar it returns is averaged and logged."""
+
+    encoder: nn.Module  # headless timm model: encoder(x) -> pooled features; the exported part
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]: ...
+
+
+@runtime_checkable
+class PhasedObjective(Objective, Protocol):
+    """An objective that needs several optimizer steps per batch (a GAN: discriminator, then
+    generator). Each phase gets its own optimizer over its parameters and, every step, its own
+    forward(batch, phase=name) + backward + step, in the order given."""
+
+    def optimizer_phases(self) -> dict[str, list[nn.Parameter]]: ...
+
+    def forward(self, batch: dict[str, Any], phase: str) -> dict[str, torch.Tensor]: ...
+
+
+@runtime_checkable
+class Visualizing(Protocol):
+    """Optional: pictures for the run directory and W&B, in normalized image space."""
+
+    def visualize(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """{name: images [rows, columns, 3, H, W]}."""
+        ...
+
+
+@dataclass(frozen=True)
+class ObjectiveEntry:
+    name: str
+    build: Callable[[Config], tuple[Objective, EncoderSpec]]
+    train_transform: Callable[[Config], Callable[[dict], dict]]  # Config -> sample transform
+    section: type | None = None  # the objective's config dataclass (YAML section `name`)
+
+
+OBJECTIVES: dict[str, ObjectiveEntry] = {}
+
+
+def register_objective(
+    name: str, train_transform: Callable[[Config], Callable], section: type | None = None
+) -> Callable:
+    """Decorates the objective's build function, `Config -> (module, EncoderSpec)`."""
+
+    def register(build: Callable) -> Callable:
+        if name in OBJECTIVES:
+            raise ValueError(f"objective '{name}' is registered twice")
+        OBJECTIVES[name] = ObjectiveEntry(name, build, train_transform, section)
+        return build
+
+    return register
+
+
+def get_objective(name: str) -> ObjectiveEntry:
+    if name not in OBJECTIVES:
+        raise ConfigError(f"unknown objective '{name}' (known: {', '.join(sorted(OBJECTIVES))})")
+    return OBJECTIVES[name]
+
+
+def build_objective(config: Config) -> tuple[Objective, EncoderSpec]:
+    return get_objective(config.objective.name).build(config)

@@ -1,0 +1,47 @@
+"""Helpers the tests import (`from helpers import ...`): paths, ports, the environment of the
+subprocesses tests start, and the real 2-process accelerate launch several tests share. The
+scripts those subprocesses run live in tests/workers/."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKERS = ROOT / "tests" / "workers"
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def python_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def train_on_two_ranks(tmp_path: Path, overrides: list[str], timeout: int = 300):
+    """A real `accelerate launch` of 2 gloo CPU processes running tests/workers/two_rank_train.py.
+
+    Returns (rank 0's state dict, rank 1's state dict, the launcher's stdout + stderr); fails
+    the test with the tail of stderr when the launch fails.
+    """
+    import torch
+
+    command = [
+        PYTHON, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--main_process_port", str(free_port()), "--mixed_precision", "no",
+        str(WORKERS / "two_rank_train.py"), str(tmp_path), *overrides,
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, env=python_env(), capture_output=True, text=True, timeout=timeout, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    states = [torch.load(tmp_path / f"params_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    return states[0], states[1], result.stdout + result.stderr
