@@ -5,7 +5,7 @@ train shards for `--minutes` of wall clock (`train.time_limit_minutes`), then a 
 kNN on the test split, each beside a random-init encoder of the same architecture. Prints one JSON
 document (and a markdown table on stderr); `--out` keeps the JSON.
 
-Shards first (README, "Data"): data_cache/cifar10/{train,test}-index.json, and for CLIP the
+Shards first (docs/data.md): data_cache/cifar10/{train,test}-index.json, and for CLIP the
 caption shards data_cache/cifar10_captions/ written with --caption-template "a photo of a {}.".
 
     python -m benchmarks.quality_cifar10 --minutes 5 --out benchmarks/results/quality_cifar10.json

@@ -15,7 +15,7 @@ shape; colour, size, position and background are random and independent of it, s
 not readable from mean colour or any single pixel, and the textures add nuisance that a randomly
 initialised encoder passes straight through. An encoder that learnt to reconstruct images (MAE)
 has to model edges and outlines, which is what the shape label needs. What the demo's
-pretraining buys on it is measured in docs/ and benchmarks/README.md.
+pretraining buys on it is measured in benchmarks/README.md.
 
 Images are lossless PNG. Generation is a pure function of (count, image size, seed).
 """
