@@ -98,6 +98,24 @@ def decode_sample(raw: dict) -> dict:
     return sample
 
 
+def decode_caption_sample(raw: dict) -> dict:
+    """Raw sample -> {"key": str, "label": int?, "caption": str?}: the image bytes stay undecoded
+    (text-only transforms, e.g. masked language modelling)."""
+    sample = {"key": raw["__key__"]}
+    if "cls" in raw:
+        sample["label"] = int(raw["cls"])
+    if "txt" in raw:
+        sample["caption"] = raw["txt"].decode("utf-8")
+    if POSITION in raw:
+        sample[POSITION] = raw[POSITION]
+    return sample
+
+
+def decoder_for(transform: Callable) -> Callable[[dict], dict]:
+    """decode_sample, or decode_caption_sample for a transform that sets needs_image = False."""
+    return decode_sample if getattr(transform, "needs_image", True) else decode_caption_sample
+
+
 def mix_seeds(*numbers: int) -> int:
     """A well-spread 64-bit seed from several integers (seed, epoch, rank, ...)."""
     entropy = [number & MASK_64 for number in numbers]

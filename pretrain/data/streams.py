@@ -30,7 +30,7 @@ from pretrain.data.samples import (
     CollateAndFinish,
     SeededTransform,
     SkipCounter,
-    decode_sample,
+    decoder_for,
     mix_seeds,
     read_shard,
     same_fields,
@@ -129,7 +129,7 @@ class TrainEpoch(IterableDataset):
         # Exact skip when the skipped samples all decode; each unreadable one among them would
         # shift the resumed stream by one sample.
         kept = itertools.islice(_numbered(shuffled), done * self.batch_size, None)
-        decoded = wds.map(decode_sample, handler=counter)(kept)
+        decoded = wds.map(decoder_for(self.transform), handler=counter)(kept)
         seeded = SeededTransform(self.transform, counter, seeds)
         transformed = wds.map(seeded, handler=counter)(decoded)
         complete = same_fields(transformed, counter)
@@ -159,7 +159,7 @@ class EvalPass(IterableDataset):
         raw = (
             sample for url in self.urls[worker::num_workers] for sample in read_shard(url, counter)
         )
-        decoded = wds.map(decode_sample, handler=counter)(raw)
+        decoded = wds.map(decoder_for(self.transform), handler=counter)(raw)
         transformed = wds.map(SeededTransform(self.transform, counter, None), handler=counter)(
             decoded
         )

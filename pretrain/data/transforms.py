@@ -4,12 +4,15 @@ Every transform the loaders run lives here; each objective's file only picks one
 settings (its `train_transform` factory). The reader hands each transform {"image": PIL RGB
 image, "key": str, "label": int (if labelled), "caption": str (if captioned)} and batches
 whatever comes back; it keeps "key" even when a transform drops it. A transform may define
-`finish_batch(batch)` for work done once per collated batch (normalizing uint8 crops).
+`finish_batch(batch)` for work done once per collated batch (normalizing uint8 crops), and
+`needs_image = False` when it reads the caption only: the reader then skips decoding the image
+(no "image" in the sample).
 
 Random transforms draw from the global torch RNG; the reader seeds it per sample, so the same
 (seed, epoch, rank, position) always gives the same crop.
 """
 
+import zlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -17,6 +20,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from pretrain.data.samples import mix_seeds
 from pretrain.data.view_params import (
     CROP_DRAWS,
     PARAM_DRAWS,
@@ -285,3 +289,86 @@ def clip_image_transform(
             T.Normalize(mean, std),
         ]
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Masked language modelling (BERT): captions only, no image
+
+IGNORE_INDEX = -100  # a target that is not predicted (torch cross_entropy's default ignore_index)
+
+
+def bert_mask(
+    tokens: torch.Tensor,
+    mask_id: int,
+    end_id: int,
+    special_ids: Sequence[int],
+    random_ids: tuple[int, int],
+    choose: float = 0.15,
+    to_mask: float = 0.8,
+    to_random: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's corruption (Devlin et al., 2019): token ids [B, T] -> (inputs [B, T], targets [B, T]).
+
+    Candidates are the tokens before each row's end token that are not special (start, end);
+    the end token and the padding after it never are. Each candidate is chosen with probability
+    `choose`, independently; a chosen token becomes the mask token with probability `to_mask`,
+    a token drawn uniformly from random_ids = [low, high) with probability `to_random`, and
+    stays itself otherwise. targets holds the original id at chosen positions, IGNORE_INDEX
+    elsewhere. Draws, in this order: choice and corruption uniforms [2, B, T], random ids [B, T].
+    """
+    after_end = (tokens == end_id).cumsum(dim=1) > 0  # [B, T]: the end token and the padding
+    special = torch.isin(tokens, torch.tensor(list(special_ids), dtype=tokens.dtype))
+    candidate = ~after_end & ~special  # [B, T]
+    choice, corruption = torch.rand(2, *tokens.shape, generator=generator)  # [B, T] each
+    chosen = candidate & (choice < choose)
+    masked = chosen & (corruption < to_mask)
+    randomized = chosen & (corruption >= to_mask) & (corruption < to_mask + to_random)
+    random_tokens = torch.randint(*random_ids, tokens.shape, generator=generator)
+    inputs = torch.where(masked, mask_id, tokens)
+    inputs = torch.where(randomized, random_tokens, inputs)
+    targets = torch.where(chosen, tokens, IGNORE_INDEX)
+    return inputs, targets
+
+
+class MaskedCaption:
+    """Masked-language sample transform: the caption's token ids, BERT-corrupted ("text" [T]
+    int64) and the ids to predict ("text_targets" [T], IGNORE_INDEX where nothing is predicted).
+
+    Text only: `needs_image = False` tells the reader not to decode the image. In training the
+    draws come from the reader's per-sample seeded RNG; with `key_seed` (evaluation) from a
+    generator seeded by (key_seed, sample key), so a caption's mask never depends on the batch,
+    the process count or the model under test.
+    """
+
+    needs_image = False
+
+    def __init__(self, tokenizer: Callable, masking: dict, key_seed: int | None = None):
+        self.tokenizer = tokenizer  # CaptionTokenizer: ids, and start/end/pad/mask ids
+        self.masking = masking  # bert_mask's choose, to_mask, to_random
+        self.key_seed = key_seed
+
+    def __call__(self, sample: dict) -> dict:
+        if "caption" not in sample:
+            raise ValueError(f"sample {sample.get('key')} has no caption (txt); mlm needs one")
+        tokens = self.tokenizer([sample["caption"]])  # [1, T]
+        generator = None
+        if self.key_seed is not None:
+            key = zlib.crc32(sample["key"].encode())
+            generator = torch.Generator().manual_seed(mix_seeds(self.key_seed, key))
+        tok = self.tokenizer
+        inputs, targets = bert_mask(
+            tokens,
+            mask_id=tok.mask_id,
+            end_id=tok.end_id,
+            special_ids=(tok.start_id, tok.end_id),
+            # random replacements: real BPE ids, above the padding id 0 (which attention
+            # ignores) and below the special ids (start, end, mask)
+            random_ids=(tok.pad_id + 1, tok.start_id),
+            generator=generator,
+            **self.masking,
+        )
+        out = {"text": inputs[0], "text_targets": targets[0]}
+        if "label" in sample:
+            out["label"] = sample["label"]
+        return out
