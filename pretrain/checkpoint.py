@@ -1,4 +1,5 @@
-"""Checkpoints that survive a crash mid-save, and the timm-loadable encoder export.
+"""Checkpoints that survive a crash mid-save, the timm-loadable encoder export, and the text
+encoder export (open_clip-loadable).
 
 A checkpoint is a folder `checkpoints/step_0000100/` holding `model.safetensors`,
 `optimizer.pt` (tensors and plain values only, loaded with weights_only=True) and `state.json`.
@@ -23,6 +24,8 @@ from safetensors.torch import load_file, save_file
 
 CHECKPOINTS = "checkpoints"
 EXPORT = "export"
+TEXT_CARD = "text_encoder.json"  # a text encoder's export (mlm): this card + TEXT_WEIGHTS
+TEXT_WEIGHTS = "text_encoder.safetensors"
 _PREFIX = "step_"
 _PARTIAL = ".partial-"  # being written
 _DISCARDED = ".discarded-"  # being deleted
@@ -100,6 +103,20 @@ def export_encoder(
     (root / ".encoder.json.tmp").write_text(json.dumps(description, indent=1))
     os.replace(root / ".encoder.json.tmp", card)
     return weights, card
+
+
+def export_text_encoder(run_dir: Path, encoder_state: dict, card: dict) -> tuple[Path, Path]:
+    """`export/text_encoder.safetensors` + `export/text_encoder.json` (the card: open_clip class
+    and arguments, tokenizer settings, objective, steps), next to the image encoders' export."""
+    _check_finite(encoder_state)
+    root = Path(run_dir) / EXPORT
+    root.mkdir(parents=True, exist_ok=True)
+    weights, card_path = root / TEXT_WEIGHTS, root / TEXT_CARD
+    save_file(_contiguous(encoder_state), str(root / f".{TEXT_WEIGHTS}.tmp"))
+    os.replace(root / f".{TEXT_WEIGHTS}.tmp", weights)
+    (root / f".{TEXT_CARD}.tmp").write_text(json.dumps(card, indent=1))
+    os.replace(root / f".{TEXT_CARD}.tmp", card_path)
+    return weights, card_path
 
 
 def _check_finite(state: dict) -> None:

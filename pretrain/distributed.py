@@ -66,6 +66,17 @@ def world_info() -> tuple[int, int]:
     return 0, 1
 
 
+def sum_over_processes(values: torch.Tensor) -> torch.Tensor:
+    """values summed over the default process group, detached (counts and sums that normalise a
+    loss, e.g. the number of masked tokens in the global batch); values itself in one process."""
+    _, world_size = world_info()
+    if world_size == 1:
+        return values.detach()
+    total = values.detach().clone()
+    dist.all_reduce(total)
+    return total
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """x: (B, ...) on every process -> (W*B, ...) concatenated in rank order, with gradient.
 

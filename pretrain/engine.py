@@ -3,8 +3,9 @@
 The engine knows nothing objective-specific: it asks the registry for a module whose
 `forward(batch)` returns {"loss", ...scalars}, steps its optimizers (pretrain.step) on a warmup +
 cosine schedule counted in optimizer steps (pretrain.optim), logs, checkpoints, and exports the
-objective's `encoder` at the end. Objectives with several optimizer phases (a GAN) are
-PhasedObjectives: each phase steps in turn, nothing else changes.
+objective's `encoder` at the end (an Exporting objective, mlm, writes its own export). Objectives
+with several optimizer phases (a GAN) are PhasedObjectives: each phase steps in turn, nothing
+else changes.
 
 Determinism: every optimizer step reseeds torch from (seed, step, rank) and the data stream
 position is a function of (seed, epoch, step), so a resumed run continues exactly like an
@@ -43,7 +44,7 @@ from pretrain.faults import (
     stop_signals_blocked,
 )
 from pretrain.models.encoder import EncoderSpec
-from pretrain.objectives import PhasedObjective, get_objective
+from pretrain.objectives import Exporting, PhasedObjective, get_objective
 from pretrain.optim import (
     build_optimizer,
     learning_rate,
@@ -82,7 +83,7 @@ class _Run:
     accelerator: Accelerator
     objective: torch.nn.Module  # unwrapped
     model: torch.nn.Module  # prepared (DDP-wrapped on several processes)
-    spec: EncoderSpec
+    spec: EncoderSpec  # what rebuilds the exported part (an Exporting objective's own spec)
     phases: dict  # {phase: [(name, parameter)]}, in stepping order
     optimizers: list
     run_dir: Path
@@ -323,10 +324,13 @@ def _finish(run: _Run, total_steps: int, last_metrics: dict, on_end, started: fl
             "std": list(IMAGENET_STD),
             "run_dir": str(run.run_dir),
         }
-        encoder_state = run.objective.encoder.state_dict()
-        weights, _ = export_encoder(
-            run.run_dir, encoder_state, run.spec.name, run.spec.kwargs, meta
-        )
+        if isinstance(run.objective, Exporting):  # not a timm image encoder (mlm: text)
+            weights = run.objective.export(run.run_dir, meta)
+        else:
+            encoder_state = run.objective.encoder.state_dict()
+            weights, _ = export_encoder(
+                run.run_dir, encoder_state, run.spec.name, run.spec.kwargs, meta
+            )
         summary["export"] = str(weights)
         summary["wall_s"] = round(time.perf_counter() - started, 1)
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

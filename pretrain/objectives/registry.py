@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
@@ -19,6 +20,7 @@ from pretrain.errors import ConfigError
 if TYPE_CHECKING:
     from pretrain.config import Config
     from pretrain.models.encoder import EncoderSpec
+    from pretrain.models.text import TextEncoderSpec
 
 
 @runtime_checkable
@@ -26,7 +28,9 @@ class Objective(Protocol):
     """What the engine trains: an nn.Module whose forward returns {"loss": scalar, ...}; any
     other scalar it returns is averaged and logged."""
 
-    encoder: nn.Module  # headless timm model: encoder(x) -> pooled features; the exported part
+    # The exported part: a headless timm model (encoder(x) -> pooled features), or for an
+    # Exporting objective its own encoder (mlm: the text transformer)
+    encoder: nn.Module
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]: ...
 
@@ -51,10 +55,21 @@ class Visualizing(Protocol):
         ...
 
 
+@runtime_checkable
+class Exporting(Protocol):
+    """Optional: an objective whose exported part is not a timm image encoder (mlm's text
+    encoder) writes its own export into run_dir/export/ at the end of the run."""
+
+    def export(self, run_dir: Path, meta: dict[str, Any]) -> Path:
+        """meta: objective, steps, run_dir and the run's image settings (image_size, mean, std);
+        returns the weights file."""
+        ...
+
+
 @dataclass(frozen=True)
 class ObjectiveEntry:
     name: str
-    build: Callable[[Config], tuple[Objective, EncoderSpec]]
+    build: Callable[[Config], tuple[Objective, EncoderSpec | TextEncoderSpec]]
     train_transform: Callable[[Config], Callable[[dict], dict]]  # Config -> sample transform
     section: type | None = None  # the objective's config dataclass (YAML section `name`)
 
@@ -65,7 +80,8 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {}
 def register_objective(
     name: str, train_transform: Callable[[Config], Callable], section: type | None = None
 ) -> Callable:
-    """Decorates the objective's build function, `Config -> (module, EncoderSpec)`."""
+    """Decorates the objective's build function, `Config -> (module, spec)`: the spec rebuilds
+    the exported part (EncoderSpec for a timm image encoder) and names it in the log line."""
 
     def register(build: Callable) -> Callable:
         if name in OBJECTIVES:
@@ -82,5 +98,5 @@ def get_objective(name: str) -> ObjectiveEntry:
     return OBJECTIVES[name]
 
 
-def build_objective(config: Config) -> tuple[Objective, EncoderSpec]:
+def build_objective(config: Config) -> tuple[Objective, EncoderSpec | TextEncoderSpec]:
     return get_objective(config.objective.name).build(config)
