@@ -110,6 +110,7 @@ def load_clip(run_dir: Path, random_init: bool, seed: int | None = None):
             f"zeroshot needs a CLIP run (objective.name: clip); {run_dir} was trained with "
             f"'{config.objective.name}'"
         )
+    config.clip.text_init = ""  # a warm start's weights are in the checkpoint; a baseline is random
     torch.manual_seed(config.train.seed if seed is None else seed)
     objective, _ = build_objective(config)
     if not random_init:

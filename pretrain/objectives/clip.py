@@ -19,7 +19,7 @@ from pretrain.data.transforms import ImageText, clip_image_transform
 from pretrain.distributed import gather_global_batch
 from pretrain.losses import clip_loss, retrieval_stats, siglip_loss
 from pretrain.models.encoder import encoder_from_config
-from pretrain.models.text import CaptionTokenizer, build_text_tower
+from pretrain.models.text import CaptionTokenizer, build_text_tower, load_text_encoder
 from pretrain.objectives.registry import register_objective
 
 if TYPE_CHECKING:
@@ -39,6 +39,9 @@ class CLIPConfig:
     text_width: int = 256
     text_layers: int = 4
     text_heads: int = 4
+    # Warm start: an `mlm` run (directory, export folder or text_encoder.json) whose text encoder
+    # has this tower's shape; its weights replace the random ones (docs/pretraining.md).
+    text_init: str = ""
     crop_scale: tuple[float, float] = (0.9, 1.0)  # light crops: the caption describes the image
 
 
@@ -55,6 +58,8 @@ class CLIP(nn.Module):
             settings.text_heads,
             settings.embed_dim,
         )
+        if settings.text_init:
+            load_text_encoder(self.text, settings.text_init)
         self.sigmoid = settings.loss == "siglip"
         # The learnable temperature lives in log space; CLIP starts at 1/0.07, SigLIP at 10.
         initial_scale = 10.0 if self.sigmoid else 1.0 / settings.init_temperature
