@@ -4,6 +4,7 @@
     finetune knn      --encoder RUN_OR_EXPORT [...]                           weighted kNN
     finetune full     --encoder RUN_OR_EXPORT [...] [--resume]                full finetune
     finetune zeroshot --encoder CLIP_RUN_DIR [--val SHARDS] [--classes a,b]   CLIP zero-shot
+    finetune mlm      --encoder MLM_RUN_DIR [--val SHARDS]                    masked-token top-1
 
 Every mode takes --config FILE (configs/finetune/*.yaml), section.key=value overrides,
 --random-init (the same path on a fresh encoder of the same architecture) and
@@ -25,6 +26,7 @@ from finetune.config import MODES, FinetuneConfig, load_finetune_config
 from finetune.data import class_names_for, resolve_shards
 from finetune.encoder import EncoderNotFound, locate_encoder
 from finetune.job import Job
+from pretrain.checkpoint import TEXT_CARD
 from pretrain.distributed import make_accelerator
 from pretrain.errors import UserError
 from pretrain.faults import NonFiniteLossError
@@ -34,8 +36,10 @@ HELP = {
     "knn": "weighted kNN (cosine, k=20, T=0.07) on cached features",
     "full": "finetune encoder + new head (layer decay, drop path, mixup/cutmix)",
     "zeroshot": "CLIP zero-shot classification and image-text retrieval",
+    "mlm": "masked-token accuracy of a masked-language (mlm) run on held-out captions",
 }
-BASELINE_KEYS = ("top1", "top5", "image_to_text_r1", "text_to_image_r1")
+BASELINE_KEYS = ("top1", "top5", "image_to_text_r1", "text_to_image_r1", "perplexity")
+RUN_DIR_MODES = ("zeroshot", "mlm")  # they load the whole model from the run's last checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="also run the same path on a freshly initialised encoder",
         )
         command.add_argument("--no-wandb", action="store_true", help="skip W&B")
-        if mode != "zeroshot":
+        if mode not in RUN_DIR_MODES:
             command.add_argument(
                 "--train-samples", type=int, help="use a fixed subset of N train samples"
             )
@@ -116,20 +120,25 @@ def _runner(mode: str):
         from finetune.knn import run_knn as runner
     elif mode == "full":
         from finetune.full import run_full as runner
-    else:
+    elif mode == "zeroshot":
         from finetune.zeroshot import run_zeroshot as runner
+    else:
+        from finetune.mlm import run_mlm as runner
     return runner
 
 
 def run(args, config: FinetuneConfig) -> dict | None:
     started = time.perf_counter()
-    source = locate_encoder(args.encoder)
-    if args.mode == "zeroshot" and source.run_dir is None:
-        raise EncoderNotFound(f"zeroshot needs the CLIP run directory, not only {args.encoder}")
+    if args.mode == "mlm":
+        source = locate_encoder(args.encoder, TEXT_CARD, required=("open_clip_kwargs",))
+    else:
+        source = locate_encoder(args.encoder)
+    if args.mode in RUN_DIR_MODES and source.run_dir is None:
+        raise EncoderNotFound(f"{args.mode} needs the run directory, not only {args.encoder}")
     precision = config.full.mixed_precision if args.mode == "full" else "auto"
     accelerator = make_accelerator(precision, None)
     train_urls, val_urls = resolve_shards(
-        config.data, source, accelerator, need_train=args.mode != "zeroshot"
+        config.data, source, accelerator, need_train=args.mode not in RUN_DIR_MODES
     )
     default_output = (source.run_dir or source.card_path.parent) / "eval"
     job = Job(

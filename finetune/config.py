@@ -14,7 +14,7 @@ from typing import Literal
 from pretrain.errors import ConfigError
 from pretrain.settings import apply_file, apply_overrides, apply_value, to_dict
 
-MODES = ("linear", "knn", "full", "zeroshot")
+MODES = ("linear", "knn", "full", "zeroshot", "mlm")
 
 
 @dataclass
@@ -97,6 +97,17 @@ class ZeroShotConfig:
 
 
 @dataclass
+class MLMEvalConfig:
+    """Masked-token accuracy of an `mlm` run on held-out captions (finetune/mlm.py)."""
+
+    # Masking draws are seeded by (seed, sample key): the same positions for every model.
+    seed: int = 0
+    # mask: every chosen token becomes the mask token (predicted from context alone);
+    # bert: the training rule (80% mask token, 10% random token, 10% kept)
+    corruption: Literal["mask", "bert"] = "mask"
+
+
+@dataclass
 class LoggingConfig:
     wandb: bool = True
     wandb_project: str = ""  # empty: the pretraining run's project (else ssl-pretrain)
@@ -112,6 +123,7 @@ class FinetuneConfig:
     knn: KnnConfig = field(default_factory=KnnConfig)
     full: FullConfig = field(default_factory=FullConfig)
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    mlm: MLMEvalConfig = field(default_factory=MLMEvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

@@ -17,9 +17,9 @@ import torch.nn as nn
 import yaml
 from safetensors.torch import load_file
 
-from pretrain.checkpoint import EXPORT
+from pretrain.checkpoint import EXPORT, TEXT_CARD
 from pretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from pretrain.errors import ModelError, UserError
+from pretrain.errors import ConfigError, ModelError, UserError
 from pretrain.models.encoder import EncoderSpec
 
 
@@ -69,25 +69,34 @@ class EncoderSource:
         return model.eval()
 
 
-def locate_encoder(path: str | Path) -> EncoderSource:
+def locate_encoder(
+    path: str | Path,
+    card_name: str = "encoder.json",
+    required: tuple[str, ...] = ("timm_name", "timm_kwargs"),
+) -> EncoderSource:
+    """The export card `card_name` (the image encoder's by default; TEXT_CARD for an mlm run's
+    text encoder) at `path` (a run directory, its export folder, or the card), and its run."""
     path = Path(path)
     card_path = next(
         (
             candidate
-            for candidate in (path, path / "encoder.json", path / EXPORT / "encoder.json")
-            if candidate.is_file() and candidate.name == "encoder.json"
+            for candidate in (path, path / card_name, path / EXPORT / card_name)
+            if candidate.is_file() and candidate.name == card_name
         ),
         None,
     )
     if card_path is None:
+        hint = ""
+        if card_name != TEXT_CARD and (path / EXPORT / TEXT_CARD).is_file():
+            hint = "; it holds a text encoder (an mlm run): use `finetune mlm`"
         raise EncoderNotFound(
-            f"no encoder export at {path} (expected {path / EXPORT / 'encoder.json'})"
+            f"no encoder export at {path} (expected {path / EXPORT / card_name}){hint}"
         )
     try:
         card = json.loads(card_path.read_text())
     except ValueError as error:
         raise EncoderNotFound(f"unreadable encoder card {card_path}: {error}") from None
-    missing = [key for key in ("timm_name", "timm_kwargs") if key not in card]
+    missing = [key for key in required if key not in card]
     if missing:
         raise EncoderNotFound(f"encoder card {card_path} lacks {', '.join(missing)}")
     source = EncoderSource(card=card, card_path=card_path)
@@ -194,3 +203,26 @@ def weights_fingerprint(module: nn.Module) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def load_run_objective(run_dir: Path, name: str, random_init: bool, seed: int | None = None):
+    """(objective, run config): the `name` objective of a pretraining run directory in eval mode,
+    with its last checkpoint loaded, or freshly initialised with the run's seed (the baseline)."""
+    from pretrain.checkpoint import latest_checkpoint, load_checkpoint
+    from pretrain.config import load_config
+    from pretrain.objectives import build_objective
+
+    config = load_config(Path(run_dir) / "config.yaml")
+    if config.objective.name != name:
+        raise ConfigError(
+            f"this needs an {name} run (objective.name: {name}); {run_dir} was trained with "
+            f"'{config.objective.name}'"
+        )
+    torch.manual_seed(config.train.seed if seed is None else seed)
+    objective, _ = build_objective(config)
+    if not random_init:
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise ConfigError(f"{run_dir} holds no checkpoint to load")
+        objective.load_state_dict(load_checkpoint(checkpoint)[0])
+    return objective.eval(), config

@@ -63,7 +63,7 @@ class Job:
             "encoder": str(self.source.card_path),
             "run_dir": str(self.source.run_dir) if self.source.run_dir else None,
             "processes": self.accelerator.num_processes,
-            **({} if self.mode == "zeroshot" else {"pool": self.config.data.pool}),
+            **({} if self.mode in ("zeroshot", "mlm") else {"pool": self.config.data.pool}),
         }
 
     def num_classes(self, *label_sets: torch.Tensor) -> int:
