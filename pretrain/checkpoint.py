@@ -83,6 +83,11 @@ def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
     return model_state, optimizer_state, state
 
 
+def checkpoint_state(path: Path) -> dict:
+    """A checkpoint's state.json alone (step, counts, batch layout), without the weights."""
+    return json.loads((Path(path) / "state.json").read_text())
+
+
 def export_encoder(
     run_dir: Path, encoder_state: dict, spec_name: str, spec_kwargs: dict, meta: dict
 ):

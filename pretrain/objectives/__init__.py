@@ -7,6 +7,7 @@ import pkgutil
 
 from pretrain.objectives.registry import (
     OBJECTIVES,
+    EmbeddingObjective,
     Objective,
     ObjectiveEntry,
     PhasedObjective,
@@ -18,6 +19,7 @@ from pretrain.objectives.registry import (
 
 __all__ = [
     "OBJECTIVES",
+    "EmbeddingObjective",
     "Objective",
     "ObjectiveEntry",
     "PhasedObjective",

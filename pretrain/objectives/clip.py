@@ -81,17 +81,31 @@ class CLIP(nn.Module):
         """exp of the learnable log scale, clamped at ln(max) (gradient stops past the clamp)."""
         return self.log_logit_scale.clamp(max=self.max_log_logit_scale).exp()
 
-    def forward(self, batch: dict) -> dict:
-        image = self.encode_image(batch["image"])  # (B, D)
-        text = self.encode_text(batch["text"])  # (B, D)
+    def forward(self, batch: dict, embed_only: bool = False) -> dict:
+        """The loss and its statistics; with embed_only, what the loss is taken on
+        (EmbeddingObjective: GradCache accumulation): {"image", "text"} (B, D) and the 0-dim
+        "logit_scale" (and SigLIP's "logit_bias")."""
+        embeddings = {
+            "image": self.encode_image(batch["image"]),  # (B, D)
+            "text": self.encode_text(batch["text"]),  # (B, D)
+            "logit_scale": self.logit_scale(),
+        }
+        if self.sigmoid:
+            # a copy computed here, like the scale: what wrappers see leave through forward
+            embeddings["logit_bias"] = self.logit_bias.clone()
+        return embeddings if embed_only else self.embedding_loss(embeddings)
+
+    def embedding_loss(self, embeddings: dict) -> dict:
+        """The contrastive loss of the embeddings against the global batch's (gathered here)."""
+        image, text, scale = embeddings["image"], embeddings["text"], embeddings["logit_scale"]
         if self.global_negatives:
             (image_all, text_all), offset = gather_global_batch(image, text)  # (N, D) each
         else:
             image_all = text_all = None
             offset = 0
-        scale = self.logit_scale()
         if self.sigmoid:
-            loss = siglip_loss(image, text, scale, self.logit_bias, image_all, text_all, offset)
+            bias = embeddings["logit_bias"]
+            loss = siglip_loss(image, text, scale, bias, image_all, text_all, offset)
         else:
             loss = clip_loss(image, text, scale, image_all, text_all, offset)
         image_to_text = retrieval_stats(image, text, text_all, offset)

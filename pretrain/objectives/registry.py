@@ -43,6 +43,24 @@ class PhasedObjective(Objective, Protocol):
 
 
 @runtime_checkable
+class EmbeddingObjective(Objective, Protocol):
+    """An objective whose samples meet only in the loss, through per-sample embeddings (a
+    contrastive loss: every sample is every other's negative), so that
+
+        forward(batch) == embedding_loss(forward(batch, embed_only=True))
+
+    Gradient accumulation then keeps the whole step's batch in one loss (pretrain.grad_cache).
+    The embeddings are a dict of tensors: per-sample ones of B rows, and 0-dim values computed
+    from parameters that the loss needs (CLIP's logit scale). embed_only goes through forward so
+    that DDP and FSDP see the call; embedding_loss must not read parameters itself (FSDP keeps
+    them sharded outside forward)."""
+
+    def forward(self, batch: dict[str, Any], embed_only: bool = False) -> dict[str, Any]: ...
+
+    def embedding_loss(self, embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+
+@runtime_checkable
 class Visualizing(Protocol):
     """Optional: pictures for the run directory and W&B, in normalized image space."""
 
