@@ -301,8 +301,8 @@ def _log_metrics(run: _Run, window: MetricWindow, lr: float, result: StepResult,
 def _log_pictures(run: _Run, batch: dict, done: int) -> None:
     """The objective's pictures, written by the main process. A sharded model computes them on
     every rank (its forward gathers parameters from all of them)."""
-    if run.sharded:
-        with sharding.whole_parameters(run.model):
+    if run.sharded:  # autocast: FSDP's bf16 parameters meet fp32 pictures outside forward
+        with sharding.whole_parameters(run.model), run.accelerator.autocast():
             run.tracker.log_pictures(run.objective, batch, done, every_rank=True)
     elif run.accelerator.is_main_process:
         run.tracker.log_pictures(run.objective, batch, done)

@@ -187,6 +187,10 @@ def optimizer_state(objective: nn.Module, optimizer) -> dict:
 def load_state(objective, optimizers, phases: dict, model_saved: dict, optimizers_saved: dict):
     """A checkpoint's full state into the (possibly sharded) objective and its optimizers;
     optimizers_saved is {phase: state dict numbered as Optimizer.state_dict}."""
+    optimizers_saved = {
+        phase: _fit_to_parameters(optimizers_saved[phase], optimizer)
+        for phase, optimizer in zip(phases, optimizers)
+    }
     if not is_sharded(objective):
         objective.load_state_dict(model_saved)
         for phase, optimizer in zip(phases, optimizers):
@@ -213,6 +217,26 @@ def submodule_state(state: dict, name: str) -> dict:
     state dict (the encoder's for the export)."""
     prefix = f"{name}."
     return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def _fit_to_parameters(saved: dict, optimizer) -> dict:
+    """A numbered optimizer state whose tensors take their parameter's (global) shape where
+    only the shape changed, e.g. () saved for a scalar that is (1,) now because FSDP cannot
+    shard 0-dim parameters; counters (AdamW's 0-dim `step`) keep theirs."""
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    fitted = {}
+    for number, per_parameter in saved["state"].items():
+        shape = parameters[number].shape
+        fitted[number] = {
+            key: value.reshape(shape)
+            if isinstance(value, torch.Tensor)
+            and key != "step"
+            and value.shape != shape
+            and value.numel() == shape.numel()
+            else value
+            for key, value in per_parameter.items()
+        }
+    return {**saved, "state": fitted}
 
 
 def _numbered(state: dict) -> dict:
@@ -249,6 +273,18 @@ def no_gradient_sync(accelerator, model: nn.Module):
         yield
     finally:
         model.set_requires_gradient_sync(True)
+
+
+def clip_grad_norm(accelerator, optimizer, parameters: list, max_norm: float) -> torch.Tensor:
+    """accelerator.clip_grad_norm_ (fp16 gradients unscaled first), returning the plain global
+    norm. Under accelerate's FSDP, accelerate's own only clips a list that is the whole model's
+    parameters and otherwise unscales twice (an error with fp16); a phase's list, or one without
+    frozen parameters (MAE's fixed positions), is unscaled once here and clipped by torch, whose
+    norm over sharded gradients is a DTensor."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return replicated(accelerator.clip_grad_norm_(parameters, max_norm))
+    accelerator.unscale_gradients(optimizer)
+    return replicated(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
 
 
 def replicated(value: torch.Tensor) -> torch.Tensor:

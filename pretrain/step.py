@@ -23,7 +23,7 @@ import torch
 
 from pretrain.faults import finite_on_every_rank
 from pretrain.optim import set_learning_rate
-from pretrain.sharding import no_gradient_sync, replicated
+from pretrain.sharding import clip_grad_norm, no_gradient_sync
 
 # (batch, phase) -> outputs {"loss": scalar, ...}; the caller closes over the model
 Forward = Callable[[dict, str], dict]
@@ -73,8 +73,8 @@ def optimizer_step(
         set_learning_rate(optimizer, lr)
         phase_loss = accumulate(accelerator, model, micro_batches, forward, phase, on_outputs)
         parameters = [parameter for _, parameter in named]
-        grad_norm = accelerator.clip_grad_norm_(parameters, clip_grad or float("inf"))
-        grad_norm = grad_norms[phase] = replicated(grad_norm)  # sharded: a DTensor norm
+        grad_norm = clip_grad_norm(accelerator, optimizer, parameters, clip_grad or float("inf"))
+        grad_norms[phase] = grad_norm
         # A NaN/Inf loss or gradient on any rank skips this update on every rank. fp16's
         # GradScaler skips such steps itself and must see step() to lower its scale.
         finite = finite_on_every_rank(accelerator, phase_loss, grad_norm) if check_finite else True

@@ -1,8 +1,9 @@
 """Full negatives under gradient accumulation (pretrain.grad_cache): K = 4 micro-batches per step,
-on 1 and on 2 real gloo processes, in float64, give the loss, gradients and parameters after an
-SGD step of ONE batch of all 16 samples; accumulating each micro-batch with its own negatives
-(the plain way) does not. With BatchNorm in the head and drop path in the encoder, GradCache
-equals keeping every micro-batch's graph for one loss (its documented meaning of "one batch").
+on 1 and on 2 real gloo processes (DDP, and sharded with FSDP), in float64, give the loss,
+gradients and parameters after an SGD step of ONE batch of all 16 samples; accumulating each
+micro-batch with its own negatives (the plain way) does not. With BatchNorm in the head and drop
+path in the encoder, GradCache equals keeping every micro-batch's graph for one loss (its
+documented meaning of "one batch").
 
 tests/workers/grad_cache_worker.py runs the step through pretrain.step.optimizer_step.
 """
@@ -58,6 +59,16 @@ def test_four_micro_batches_equal_one_batch_of_four_times_the_size(results, case
         assert difference <= EXACT, (
             f"{case}, {processes} process(es): {quantity} off by {difference:.2e}"
         )
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", CASES)
+def test_it_composes_with_fsdp(results, case):
+    variants = results[2][case]
+    for quantity in ("loss", "grads", "params"):
+        got, want = variants["grad_cache_fsdp"][quantity], variants["reference"][quantity]
+        difference = relative_difference(got, want)
+        assert difference <= EXACT, f"{case}, FSDP: {quantity} off by {difference:.2e}"
 
 
 @pytest.mark.distributed

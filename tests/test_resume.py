@@ -4,6 +4,7 @@ batch; real runs checkpointed on 2 processes (sharded) continue on 1, and on 1 c
 and lr schedule; and fp16's loss scale survives a checkpoint.
 """
 
+import copy
 import json
 import subprocess
 from pathlib import Path
@@ -192,3 +193,62 @@ def test_one_process_continues_on_two_sharded(run_args, tmp_path):
     run_dir = tmp_path / "runs" / "moved"
     assert_restored_exactly(started, run_dir / "checkpoints" / "step_0000002")
     assert_continues_the_schedule(run_dir, 8, 2, 4)
+
+
+def test_clip_checkpoints_with_0_dim_scalars_still_load_and_train():
+    """CLIP's logit scale and SigLIP's bias are (1,) now (FSDP shards no 0-dim parameter);
+    checkpoints that hold them as 0-dim, weights and AdamW state alike, load and step on."""
+    from pretrain.objectives import build_objective
+    from pretrain.optim import build_optimizer, optimizer_phases
+    from pretrain.sharding import load_state
+
+    overrides = [
+        "objective.name=clip", "clip.loss=siglip", "data.image_size=16", "model.patch_size=8",
+        "model.kwargs={depth: 1, embed_dim: 16, num_heads: 2}", "clip.embed_dim=8",
+        "clip.context_length=8", "clip.text_width=16", "clip.text_layers=1", "clip.text_heads=2",
+    ]  # fmt: skip
+    config = load_config(None, overrides)
+
+    def built():
+        torch.manual_seed(0)
+        objective = build_objective(config)[0]
+        phases = optimizer_phases(objective)
+        return objective, phases, [build_optimizer(phases["main"], set(), config.optimizer, 1e-3)]
+
+    def train_step(objective, optimizer):
+        batch = {"image": torch.randn(4, 3, 16, 16), "text": objective.tokenize(["a"] * 4)}
+        objective(batch)["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    objective, phases, (optimizer,) = built()
+    train_step(objective, optimizer)
+    # copies, as from a file (a loaded optimizer would share these tensors otherwise)
+    model_state = copy.deepcopy(objective.state_dict())
+    optimizer_state = copy.deepcopy(optimizer.state_dict())
+    scalars = {"log_logit_scale", "logit_bias"}
+    old_model = {k: v.reshape(()) if k in scalars else v for k, v in model_state.items()}
+    order = [p for g in optimizer.param_groups for p in g["params"]]
+    names = {id(p): n for n, p in phases["main"]}
+    old_state = {
+        number: {
+            key: value.reshape(())
+            if names[id(order[number])] in scalars and key != "step"
+            else value
+            for key, value in per_parameter.items()
+        }
+        for number, per_parameter in optimizer_state["state"].items()
+    }
+    assert any(v["exp_avg"].dim() == 0 for v in old_state.values())
+    fresh, fresh_phases, (fresh_optimizer,) = built()
+    load_state(fresh, [fresh_optimizer], fresh_phases, old_model,
+               {"main": {**optimizer_state, "state": old_state}})  # fmt: skip
+    assert fresh.log_logit_scale.shape == (1,) and fresh.logit_bias.shape == (1,)
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, model_state[name]), name
+    torch.manual_seed(1)
+    train_step(fresh, fresh_optimizer)
+    torch.manual_seed(1)
+    train_step(objective, optimizer)
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, objective.state_dict()[name]), name

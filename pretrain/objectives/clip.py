@@ -57,13 +57,15 @@ class CLIP(nn.Module):
         )
         self.sigmoid = settings.loss == "siglip"
         # The learnable temperature lives in log space; CLIP starts at 1/0.07, SigLIP at 10.
+        # Scalars are stored as (1,): FSDP shards no 0-dim parameter.
         initial_scale = 10.0 if self.sigmoid else 1.0 / settings.init_temperature
-        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(initial_scale)))
+        self.log_logit_scale = nn.Parameter(torch.tensor([math.log(initial_scale)]))
         self.max_log_logit_scale = math.log(settings.max_logit_scale)
         self.logit_bias = (
-            nn.Parameter(torch.tensor(settings.siglip_init_bias)) if self.sigmoid else None
+            nn.Parameter(torch.tensor([settings.siglip_init_bias])) if self.sigmoid else None
         )
         self.global_negatives = settings.negatives == "global"
+        self.register_load_state_dict_pre_hook(_scalars_as_one_element)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """list[str] -> (len, T) token ids."""
@@ -79,7 +81,7 @@ class CLIP(nn.Module):
 
     def logit_scale(self) -> torch.Tensor:
         """exp of the learnable log scale, clamped at ln(max) (gradient stops past the clamp)."""
-        return self.log_logit_scale.clamp(max=self.max_log_logit_scale).exp()
+        return self.log_logit_scale.clamp(max=self.max_log_logit_scale).exp().squeeze(0)
 
     def forward(self, batch: dict, embed_only: bool = False) -> dict:
         """The loss and its statistics; with embed_only, what the loss is taken on
@@ -91,8 +93,7 @@ class CLIP(nn.Module):
             "logit_scale": self.logit_scale(),
         }
         if self.sigmoid:
-            # a copy computed here, like the scale: what wrappers see leave through forward
-            embeddings["logit_bias"] = self.logit_bias.clone()
+            embeddings["logit_bias"] = self.logit_bias.squeeze(0)  # 0-dim
         return embeddings if embed_only else self.embedding_loss(embeddings)
 
     def embedding_loss(self, embeddings: dict) -> dict:
@@ -118,6 +119,14 @@ class CLIP(nn.Module):
             "top1_image_to_text": image_to_text["top1"],
             "top1_text_to_image": text_to_image["top1"],
         }
+
+
+def _scalars_as_one_element(module, state_dict, prefix, *args) -> None:
+    """Checkpoints written before the scalars became (1,) load as they are."""
+    for name in ("log_logit_scale", "logit_bias"):
+        value = state_dict.get(prefix + name)
+        if value is not None and value.dim() == 0:
+            state_dict[prefix + name] = value.reshape(1)
 
 
 def clip_train_transform(config: Config) -> ImageText:

@@ -5,6 +5,7 @@ micro-batches per process, through pretrain.step.optimizer_step, in three ways:
     reference   one process, one batch of all 16 samples, no accumulation (every rank computes
                 it alone: local negatives over the whole batch are the global batch's)
     grad_cache  this process's 16 / W samples as 4 micro-batches, GradCache (the engine's way)
+    grad_cache_fsdp  (2 processes) the same, the objective sharded (FSDP2) instead of DDP
     separate    the same micro-batches, each with its own loss and negatives (no GradCache)
 
 and, with one process only, SimCLR with BatchNorm in its projection head and drop path in its
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from pretrain import sharding
 from pretrain.config import load_config
 from pretrain.distributed import make_accelerator
 from pretrain.grad_cache import GradCache
@@ -101,10 +103,11 @@ def step(accelerator, objective, model, micro_batches, accumulate):
         dist.all_reduce(loss)
         loss /= dist.get_world_size()
     names = [name for name, _ in phases["main"]]
+    whole = sharding.replicated  # sharded tensors as the whole tensor
     return {
         "loss": loss,
-        "grads": dict(zip(names, optimizer.grads)),
-        "params": {name: p.detach().clone() for name, p in phases["main"]},
+        "grads": {name: whole(grad) for name, grad in zip(names, optimizer.grads)},
+        "params": {name: whole(p.detach()).clone() for name, p in phases["main"]},
         "buffers": {name: b.detach().clone() for name, b in objective.named_buffers()},
     }
 
@@ -124,10 +127,14 @@ def run_case(accelerator, overrides, rank, world) -> dict:
     reference = build(overrides, "local")
     batch = fixed_global_batch(reference)
     results = {"reference": step(accelerator, reference, reference, [batch], None)}
-    for variant in ("grad_cache", "separate"):
+    for variant in ("grad_cache", "separate", "grad_cache_fsdp")[: 3 if world > 1 else 2]:
         objective = build(overrides, "global")
         model = DistributedDataParallel(objective) if world > 1 else objective
-        accumulate = GradCache(objective) if variant == "grad_cache" else None
+        if variant == "grad_cache_fsdp":
+            settings = sharding.FSDPSettings()
+            sharding.shard_with_torch(objective, torch.device("cpu"), world, settings)
+            model = objective
+        accumulate = None if variant == "separate" else GradCache(objective)
         micro_batches = micro_batches_of(batch, rank, world)
         results[variant] = step(accelerator, objective, model, micro_batches, accumulate)
     return results
