@@ -53,8 +53,13 @@ def batch_layout(config, processes: int, saved: dict | None) -> tuple[BatchLayou
     if saved is None or "world_size" not in saved:
         return configured, ""
     before = BatchLayout(saved["world_size"], saved["batch_size"], saved["grad_accum"])
-    if before.processes == processes:
-        return before, ""
+    if before.processes == processes:  # exactly as it was (also after an earlier move)
+        if before == configured:
+            return before, ""
+        return before, (
+            f"per process {before.batch_size} x {before.grad_accum} micro-batch(es) as in the "
+            f"checkpoint (the config says {configured.batch_size} x {configured.grad_accum})"
+        )
     share, remainder = divmod(before.global_batch, processes)
     if remainder:
         raise ConfigError(

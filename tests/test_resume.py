@@ -49,6 +49,14 @@ def test_a_global_batch_the_processes_cannot_share_is_refused_in_one_line():
     assert "global batch of 16" in str(error.value) and "\n" not in str(error.value)
 
 
+def test_the_same_world_keeps_the_checkpoint_layout_and_says_so_if_the_config_differs():
+    config = load_config(None, ["data.batch_size=8", "train.grad_accum=1"])
+    saved = BatchLayout(1, 8, 2).as_state()  # moved from 2 processes to 1 earlier
+    layout, note = batch_layout(config, 1, saved)
+    assert layout == BatchLayout(1, 8, 2) and "the config says 8 x 1" in note
+    assert batch_layout(config, 1, BatchLayout(1, 8, 1).as_state()) == (BatchLayout(1, 8, 1), "")
+
+
 def test_a_new_run_or_an_old_checkpoint_uses_the_config():
     config = load_config(None, ["data.batch_size=12", "train.grad_accum=2"])
     assert batch_layout(config, 4, None) == (BatchLayout(4, 12, 2), "")
