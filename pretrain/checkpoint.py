@@ -1,7 +1,9 @@
 """Checkpoints that survive a crash mid-save, and the timm-loadable encoder export.
 
 A checkpoint is a folder `checkpoints/step_0000100/` holding `model.safetensors`,
-`optimizer.pt` (tensors and plain values only, loaded with weights_only=True) and `state.json`.
+`optimizer.pt` (tensors and plain values only, loaded with weights_only=True) and `state.json`
+(step, counts, batch layout, fp16 loss scale: pretrain.resume). The layout is that of an
+unsharded model whatever the run: FSDP runs gather their full state first (pretrain.sharding).
 It is written under a temporary name and renamed into place last, so a crash at any point leaves
 either the complete new folder or none, and the previous checkpoint stays loadable. Old
 checkpoints are renamed out of the listing before they are deleted, so a crash while pruning
