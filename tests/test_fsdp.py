@@ -1,6 +1,7 @@
 """FSDP2 with real processes on CPU (torch's fully_shard over gloo: accelerate shards GPU process
-groups only). Two sharded processes equal one unsharded process on the global batch, in float64;
-each holds about half the parameter and optimizer bytes; and the shipped recipe
+groups only). Two sharded processes equal one unsharded process on the global batch, in float64,
+with and without activation checkpointing; each holds about half the parameter and optimizer
+bytes; and the shipped recipe
 (launch/accelerate_fsdp_vit_large.yaml, 2 processes here) trains, draws pictures, checkpoints,
 exports an encoder timm loads strictly, and, killed with SIGKILL mid-run and rerun, ends
 bit-identical to an uninterrupted run.
@@ -39,11 +40,14 @@ def torchrun(processes: int, script, *args, cwd) -> None:
 
 @pytest.fixture(scope="module")
 def steps(tmp_path_factory):
-    """MAE optimizer steps (tests/workers/fsdp_step_worker.py) on 1 and on 2 processes."""
+    """MAE optimizer steps (tests/workers/fsdp_step_worker.py) on 1 and on 2 processes, and on
+    2 with activation checkpointing ("2ac")."""
     out = tmp_path_factory.mktemp("fsdp_steps")
+    worker = WORKERS / "fsdp_step_worker.py"
     for processes in (1, 2):
-        torchrun(processes, WORKERS / "fsdp_step_worker.py", out / f"{processes}.pt", cwd=out)
-    return {w: torch.load(out / f"{w}.pt", weights_only=False) for w in (1, 2)}
+        torchrun(processes, worker, out / f"{processes}.pt", cwd=out)
+    torchrun(2, worker, out / "2ac.pt", "3", "--checkpointing", cwd=out)
+    return {w: torch.load(out / f"{w}.pt", weights_only=False) for w in (1, 2, "2ac")}
 
 
 def relative_difference(got, want) -> float:
@@ -57,8 +61,9 @@ def relative_difference(got, want) -> float:
 
 
 @pytest.mark.distributed
-def test_two_sharded_processes_equal_one_process_on_the_global_batch(steps):
-    one, two = steps[1], steps[2]
+@pytest.mark.parametrize("sharded", [2, "2ac"])
+def test_two_sharded_processes_equal_one_process_on_the_global_batch(steps, sharded):
+    one, two = steps[1], steps[sharded]
     assert len(one["losses"]) == 3 and bool((one["grad_norms"] > 0.5).all()), "clipping active"
     for quantity in ("losses", "grad_norms", "params"):
         difference = relative_difference(two[quantity], one[quantity])

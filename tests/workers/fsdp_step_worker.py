@@ -11,10 +11,16 @@ The main process saves to OUT: "losses" per step (mean over processes), "grad_no
 (before clipping), "params" and "optimizer" (the full states after the steps), and "bytes"
 (each process's parameter and optimizer bytes).
 
-usage: fsdp_step_worker.py OUT [STEPS]
+With --checkpointing, the run is launched as the FSDP recipe launches it (accelerate's FSDP
+variables: every Block recomputed in the backward through a checkpoint wrapper) and the encoder
+also checkpoints its blocks the timm way (model.grad_checkpointing): activation checkpointing
+composes with sharding, and changes no number.
+
+usage: fsdp_step_worker.py OUT [STEPS] [--checkpointing]
 """
 
 import contextlib
+import os
 import sys
 from unittest import mock
 
@@ -62,13 +68,27 @@ def global_batches(steps: int, patches: int) -> list[dict]:
     ]
 
 
-def main(out: str, steps: int) -> None:
+# What `accelerate launch --config_file launch/accelerate_fsdp_vit_large.yaml` sets, in short.
+RECIPE_ENVIRONMENT = {
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_VERSION": "2",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+    "FSDP_TRANSFORMER_CLS_TO_WRAP": "Block",
+    "FSDP_RESHARD_AFTER_FORWARD": "true",
+    "FSDP_ACTIVATION_CHECKPOINTING": "true",
+}
+
+
+def main(out: str, steps: int, checkpointing: bool) -> None:
     torch.set_default_dtype(torch.float64)
+    if checkpointing and int(os.environ["WORLD_SIZE"]) > 1:
+        os.environ.update(RECIPE_ENVIRONMENT)
     accelerator = make_accelerator("no", None)
     rank, world = accelerator.process_index, accelerator.num_processes
     config = load_config(None, SETTINGS)
     torch.manual_seed(0)
     objective, _ = build_objective(config)
+    objective.encoder.set_grad_checkpointing(checkpointing)
     phases = optimizer_phases(objective)
     skip_decay = no_weight_decay_names(objective)
     optimizers = [build_optimizer(phases["main"], skip_decay, config.optimizer, LR)]
@@ -76,6 +96,8 @@ def main(out: str, steps: int) -> None:
         accelerator, objective, optimizers, phases, fsdp=True
     )
     assert sharding.is_sharded(objective) == (world > 1)
+    wrapped = sum("CheckpointWrapper" in type(m).__name__ for m in objective.modules())
+    assert wrapped == (4 if checkpointing and world > 1 else 0), wrapped  # 2 + 2 Blocks
 
     def forward(batch, phase):
         with masks_from(batch["noise"]):
@@ -110,4 +132,7 @@ def main(out: str, steps: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 3)
+    arguments = [a for a in sys.argv[1:] if a != "--checkpointing"]
+    main(
+        arguments[0], int(arguments[1]) if len(arguments) > 1 else 3, "--checkpointing" in sys.argv
+    )
