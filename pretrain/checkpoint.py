@@ -2,7 +2,9 @@
 encoder export (open_clip-loadable).
 
 A checkpoint is a folder `checkpoints/step_0000100/` holding `model.safetensors`,
-`optimizer.pt` (tensors and plain values only, loaded with weights_only=True) and `state.json`.
+`optimizer.pt` (tensors and plain values only, loaded with weights_only=True) and `state.json`
+(step, counts, batch layout, fp16 loss scale: pretrain.resume). The layout is that of an
+unsharded model whatever the run: FSDP runs gather their full state first (pretrain.sharding).
 It is written under a temporary name and renamed into place last, so a crash at any point leaves
 either the complete new folder or none, and the previous checkpoint stays loadable. Old
 checkpoints are renamed out of the listing before they are deleted, so a crash while pruning
@@ -84,6 +86,11 @@ def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
     optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     state = json.loads((path / "state.json").read_text())
     return model_state, optimizer_state, state
+
+
+def checkpoint_state(path: Path) -> dict:
+    """A checkpoint's state.json alone (step, counts, batch layout), without the weights."""
+    return json.loads((Path(path) / "state.json").read_text())
 
 
 def export_encoder(

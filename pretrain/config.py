@@ -32,7 +32,9 @@ class DataConfig:
     demo_train_samples: int = 20000
     demo_val_samples: int = 2000
     image_size: int = 32
-    batch_size: int = 128  # per process; global batch = batch_size * processes * grad_accum
+    # per process; global batch = batch_size * processes * grad_accum (a resume on another
+    # number of processes keeps the checkpoint's global batch: pretrain/resume.py)
+    batch_size: int = 128
     num_workers: int = 2
     shuffle_buffer: int = 1000
     # The training stream is resampled and cut into chunks of this many micro-batches per rank;
@@ -98,6 +100,17 @@ class TrainConfig:
     # torch.compile the objective's forward (in place, so checkpoints keep their keys). Costs
     # minutes of compilation at the start, then a faster step: for long runs (benchmarks/).
     compile: bool = False
+    # Shard parameters, gradients and optimizer state over the processes (FSDP2; every timm
+    # Block its own unit). GPUs: through accelerate's FSDP plugin; CPU: torch's fully_shard. An
+    # accelerate launch with an FSDP config turns it on too. Checkpoints keep the unsharded layout.
+    fsdp: bool = False
+    # With more than one process, BatchNorm layers normalise over the global batch (SimCLR's
+    # projection head, ResNet encoders); false: over each process's batch.
+    sync_batchnorm: bool = True
+    # With grad_accum > 1, contrastive objectives (SimCLR, CLIP/SigLIP) take one loss over the
+    # whole step's batch (GradCache: exact, one extra forward per micro-batch); false: each
+    # micro-batch against its own negatives.
+    grad_cache: bool = True
 
 
 @dataclass

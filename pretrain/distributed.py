@@ -14,7 +14,10 @@ from pretrain.errors import LaunchError
 
 
 def make_accelerator(
-    mixed_precision: str, log_with: str | None, find_unused_parameters: bool = False
+    mixed_precision: str,
+    log_with: str | None,
+    find_unused_parameters: bool = False,
+    fsdp_plugin=None,
 ) -> Accelerator:
     """An Accelerator that really spans the launcher's processes, on GPU or CPU.
 
@@ -22,6 +25,7 @@ def make_accelerator(
     single-process runs; cpu=True makes it build a gloo group instead. The world-size check
     catches any other way of ending up there. `find_unused_parameters` is for models whose
     backward passes reach only part of the parameters (objectives with optimizer phases).
+    `fsdp_plugin`: accelerate's FSDP plugin (pretrain.sharding.accelerate_plugin), or None.
     """
     has_cuda = torch.cuda.is_available()
     if mixed_precision == "auto":
@@ -32,6 +36,7 @@ def make_accelerator(
         mixed_precision=mixed_precision,
         log_with=log_with,
         kwargs_handlers=handlers if find_unused_parameters else None,
+        fsdp_plugin=fsdp_plugin,
     )
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != expected:
@@ -57,6 +62,13 @@ def mean_across_processes(accelerator: Accelerator, values: torch.Tensor) -> tor
 
 def sum_across_processes(accelerator: Accelerator, values: torch.Tensor) -> torch.Tensor:
     return accelerator.reduce(values, reduction="sum")
+
+
+def per_rank(accelerator: Accelerator, count: int) -> list[int]:
+    """Every rank's `count` (e.g. skipped samples), on every rank: a summed one-hot vector."""
+    counts = torch.zeros(accelerator.num_processes, dtype=torch.int64, device=accelerator.device)
+    counts[accelerator.process_index] = count
+    return sum_across_processes(accelerator, counts).tolist()
 
 
 def world_info() -> tuple[int, int]:
@@ -90,23 +102,36 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     _, world_size = world_info()
     if world_size == 1:
         return x
-    # Imported here: torch.distributed.nn also pulls in the RPC machinery, needed only now.
-    from torch.distributed.nn.functional import all_gather
-
     shape = torch.tensor(x.shape, dtype=torch.long, device=x.device)  # (ndim,)
     shapes = [torch.empty_like(shape) for _ in range(world_size)]
     dist.all_gather(shapes, shape)
     if not bool((torch.stack(shapes) == shape).all()):  # one host sync per call
         listed = ", ".join(str(tuple(other.tolist())) for other in shapes)
         raise ValueError(f"gather_with_grad needs the same shape on every process, got {listed}")
+    return torch.cat(_all_gather_with_grad(x))
+
+
+def stack_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """x: (...) on every process -> (W, ...) stacked in rank order, with the same summing
+    backward as gather_with_grad but no shape check: for callers whose shapes agree by
+    construction (BatchNorm statistics of C channels), which cannot afford a host sync."""
+    if world_info()[1] == 1:
+        return x.unsqueeze(0)
+    return torch.stack(_all_gather_with_grad(x))
+
+
+def _all_gather_with_grad(x: torch.Tensor) -> list[torch.Tensor]:
+    """W tensors shaped like x, in rank order; the backward sums the gradients over processes."""
+    # Imported here: torch.distributed.nn also pulls in the RPC machinery, needed only now.
+    from torch.distributed.nn.functional import all_gather
+
     with warnings.catch_warnings():
         # Deprecated in recent torch in favour of a private functional collective; this one has
         # the summing backward on every backend (gloo included) and every supported torch.
         warnings.filterwarnings(
             "ignore", message=".*all_gather is deprecated", category=FutureWarning
         )
-        pieces = all_gather(x.contiguous())  # W tensors of (B, ...), in rank order
-    return torch.cat(pieces)
+        return list(all_gather(x.contiguous()))
 
 
 def gather_global_batch(*local: torch.Tensor) -> tuple[list[torch.Tensor], int]:

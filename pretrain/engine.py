@@ -11,6 +11,12 @@ Determinism: every optimizer step reseeds torch from (seed, step, rank) and the 
 position is a function of (seed, epoch, step), so a resumed run continues exactly like an
 uninterrupted one.
 
+Scale (pretrain.sharding, pretrain.grad_cache, pretrain.models.global_batchnorm,
+pretrain.resume): FSDP2 sharding with checkpoints in the unsharded layout; BatchNorm over the
+global batch when there is more than one process; contrastive objectives accumulate gradients
+over the whole step's batch (GradCache); a checkpoint continues on another number of processes
+with the same global batch and lr.
+
 Fault tolerance (pretrain.faults, pretrain.rundir): SIGTERM or SIGUSR1 stop the run at the next
 step boundary with a checkpoint (the CLI exits with EXIT_PREEMPTED); rerunning the same command
 continues a run directory from its latest checkpoint; NaN/Inf steps are skipped on every rank,
@@ -27,15 +33,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 from tqdm import tqdm
 
-from pretrain.checkpoint import export_encoder, latest_checkpoint, load_checkpoint, save_checkpoint
+from pretrain import sharding
+from pretrain.checkpoint import checkpoint_state, export_encoder, latest_checkpoint, save_checkpoint
 from pretrain.config import Config, to_dict
 from pretrain.data import TrainingStream, demo_shards, expand_shards
 from pretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from pretrain.distributed import make_accelerator, sum_across_processes
-from pretrain.errors import ConfigError
+from pretrain.distributed import make_accelerator, per_rank
 from pretrain.faults import (
     NonFiniteGuard,
     NonFiniteLossError,
@@ -43,14 +48,23 @@ from pretrain.faults import (
     stop_on_any_rank,
     stop_signals_blocked,
 )
+from pretrain.grad_cache import GradCache
 from pretrain.models.encoder import EncoderSpec
-from pretrain.objectives import Exporting, PhasedObjective, get_objective
+from pretrain.models.global_batchnorm import use_global_batchnorm
+from pretrain.objectives import EmbeddingObjective, Exporting, PhasedObjective, get_objective
 from pretrain.optim import (
     build_optimizer,
     learning_rate,
     no_weight_decay_names,
     optimizer_phases,
     scaled_lr,
+)
+from pretrain.resume import (
+    BatchLayout,
+    batch_layout,
+    checkpoint_extras,
+    own_skip_count,
+    restore,
 )
 from pretrain.rundir import open_run_dir
 from pretrain.step import StepResult, optimizer_step, seed_step
@@ -59,16 +73,20 @@ from pretrain.tracking import MetricWindow, Tracker
 __all__ = ["NonFiniteLossError", "train"]
 
 
-def train(config: Config, resume_dir: str | Path | None = None, on_end=None) -> dict:
+def train(config: Config, resume_dir: str | Path | None = None, on_end=None, on_start=None) -> dict:
     """Run (or resume) a pretraining run; returns the summary printed by the CLI.
 
     on_end(objective, accelerator), if given, is called on every process after the last step
     with the unwrapped objective (for custom evaluation, or tests that compare replicas).
+    on_start(run), if given, is called on every process with the started run (built, prepared,
+    restored from its checkpoint) before the first step (tests that check a restore).
     A run stopped by SIGTERM/SIGUSR1 returns early, checkpointed, with "stopped_by" set.
     """
     started = time.perf_counter()
     with StopSignals() as stop_signals:
         run = _start(config, resume_dir)
+        if on_start is not None:
+            on_start(run)
         done, total_steps, stopped_by, last_metrics = _loop(run, stop_signals, started)
         if stopped_by:
             return _stop(run, done, stopped_by)
@@ -81,88 +99,76 @@ class _Run:
 
     config: Config
     accelerator: Accelerator
-    objective: torch.nn.Module  # unwrapped
-    model: torch.nn.Module  # prepared (DDP-wrapped on several processes)
+    objective: torch.nn.Module  # unwrapped (sharded in place under FSDP)
+    model: torch.nn.Module  # prepared (DDP-wrapped on several processes, or sharded)
     spec: EncoderSpec  # what rebuilds the exported part (an Exporting objective's own spec)
     phases: dict  # {phase: [(name, parameter)]}, in stepping order
     optimizers: list
     run_dir: Path
     tracker: Tracker
     stream: TrainingStream
-    global_batch: int
+    layout: BatchLayout  # processes x per-process batch x micro-batches per step
     base_lr: float
     start_step: int
     skipped_before: int  # this rank's skipped samples before a resume
     guard: NonFiniteGuard
+    accumulate: GradCache | None  # how micro-batches make a step (None: each on its own)
 
     @property
     def phased(self) -> bool:
         return isinstance(self.objective, PhasedObjective)
 
+    @property
+    def sharded(self) -> bool:
+        return sharding.is_sharded(self.objective)
+
 
 def _start(config: Config, resume_dir) -> _Run:
     """Build, prepare and (when resuming) restore everything; nothing is trained yet."""
-    # Everything that can be wrong with the inputs fails here, before a run directory exists.
-    entry = get_objective(config.objective.name)
-    torch.manual_seed(config.train.seed)  # identical initial weights on every rank
-    objective, spec = entry.build(config)
-    if config.model.grad_checkpointing:
-        objective.encoder.set_grad_checkpointing(True)
-    if config.train.compile:
-        # nn.Module.compile: calls run the compiled forward, the module (and its state_dict
-        # keys) stay as they are, so checkpoints and exports do not depend on this setting
-        objective.compile()
-    sample_transform = entry.train_transform(config)
-    phases = optimizer_phases(objective)
-    accelerator = make_accelerator(
-        config.train.mixed_precision,
-        "wandb" if config.logging.wandb else None,
-        # a phase's backward reaches only part of the model
-        find_unused_parameters=isinstance(objective, PhasedObjective),
-    )
-    if accelerator.distributed_type == DistributedType.FSDP:
-        # Checkpoints, pictures and the export read the whole model on the main process; with
-        # sharded parameters that needs a full-state gather on every rank first (not built yet).
-        raise ConfigError(
-            "FSDP launches are not supported by the engine yet (checkpoints need a full-state "
-            "gather); launch with DDP, e.g. launch/accelerate_1node_8gpu.yaml"
-        )
+    objective, spec, sample_transform, accelerator = _build(config)
     _use_demo_data_if_unset(config, accelerator)
     shards = expand_shards(config.data.train_shards, allow_pipe=config.data.allow_pipe)
-
-    global_batch = config.data.batch_size * accelerator.num_processes * config.train.grad_accum
-    base_lr = scaled_lr(config.optimizer.blr, config.optimizer.lr, global_batch)
+    run_dir, run_id = open_run_dir(config, accelerator, resume_dir)
+    checkpoint = latest_checkpoint(run_dir)  # None for a new run
+    layout, layout_change = batch_layout(
+        config, accelerator.num_processes, checkpoint and checkpoint_state(checkpoint)
+    )
+    base_lr = scaled_lr(config.optimizer.blr, config.optimizer.lr, layout.global_batch)
+    phases = optimizer_phases(objective)
     skip_decay = no_weight_decay_names(objective)
     optimizers = [
         build_optimizer(named, skip_decay, config.optimizer, base_lr) for named in phases.values()
     ]
-    run_dir, run_id = open_run_dir(config, accelerator, resume_dir)
-    checkpoint = latest_checkpoint(run_dir)  # None for a new run
-    model, *optimizers = accelerator.prepare(objective, *optimizers)
+    model, optimizers, phases = sharding.prepare(
+        accelerator, objective, optimizers, phases, config.train.fsdp
+    )
     start_step, skipped_before, nonfinite_steps = 0, 0, 0
     if checkpoint is not None:
-        model_state, optimizer_states, state = load_checkpoint(checkpoint)
-        accelerator.unwrap_model(model).load_state_dict(model_state)
-        for phase, optimizer in zip(phases, optimizers):
-            optimizer.load_state_dict(optimizer_states[phase])
+        state = restore(checkpoint, accelerator, objective, optimizers, phases)
         start_step = state["step"]
-        skipped_before = _own_count(state, accelerator.process_index, accelerator.num_processes)
+        skipped_before = own_skip_count(state, accelerator.process_index, accelerator.num_processes)
         nonfinite_steps = state.get("nonfinite_steps", 0)
 
     tracker = Tracker(accelerator, run_dir, config.logging, run_id, to_dict(config))
+    cached = config.train.grad_cache and isinstance(objective, EmbeddingObjective)
+    accumulate = GradCache(objective) if cached and layout.grad_accum > 1 else None
     if accelerator.is_main_process:
-        print(
-            f"run {run_dir} | {config.objective.name} | {spec.name} | "
-            f"{accelerator.num_processes} process(es) on {accelerator.device} | "
-            f"global batch {global_batch} | lr {base_lr:.3g} | "
-            + (f"resumed at step {start_step}" if checkpoint else "new run"),
-            flush=True,
-        )
+        facts = [
+            f"run {run_dir}", config.objective.name, spec.name,
+            f"{accelerator.num_processes} process(es) on {accelerator.device}",
+            *(["FSDP"] if sharding.is_sharded(objective) else []),
+            f"global batch {layout.global_batch}",
+            *([f"GradCache over {layout.grad_accum} micro-batches"] if accumulate else []),
+            f"lr {base_lr:.3g}",
+            f"resumed at step {start_step}" if checkpoint else "new run",
+            *([layout_change] if layout_change else []),
+        ]  # fmt: skip
+        print(" | ".join(facts), flush=True)
     data = config.data
     stream = TrainingStream(
         shards,
         sample_transform,
-        batch_size=data.batch_size,
+        batch_size=layout.batch_size,
         steps_per_epoch=data.steps_per_epoch,
         seed=config.train.seed,
         rank=accelerator.process_index,
@@ -175,14 +181,41 @@ def _start(config: Config, resume_dir) -> _Run:
     guard = NonFiniteGuard(config.train.max_nonfinite_steps, nonfinite_steps)
     return _Run(
         config, accelerator, objective, model, spec, phases, optimizers, run_dir, tracker,
-        stream, global_batch, base_lr, start_step, skipped_before, guard,
+        stream, layout, base_lr, start_step, skipped_before, guard, accumulate,
     )  # fmt: skip
+
+
+def _build(config: Config):
+    """The objective (on every rank with the same initial weights), its sample transform, and
+    the Accelerator. Everything that can be wrong with the inputs fails here, before a run
+    directory exists. With several processes, BatchNorm layers become global ones
+    (train.sync_batchnorm)."""
+    entry = get_objective(config.objective.name)
+    torch.manual_seed(config.train.seed)  # identical initial weights on every rank
+    objective, spec = entry.build(config)
+    if config.model.grad_checkpointing:
+        objective.encoder.set_grad_checkpointing(True)
+    if config.train.compile:
+        # nn.Module.compile: calls run the compiled forward, the module (and its state_dict
+        # keys) stay as they are, so checkpoints and exports do not depend on this setting
+        objective.compile()
+    sample_transform = entry.train_transform(config)
+    accelerator = make_accelerator(
+        config.train.mixed_precision,
+        "wandb" if config.logging.wandb else None,
+        # a phase's backward reaches only part of the model
+        find_unused_parameters=isinstance(objective, PhasedObjective),
+        fsdp_plugin=sharding.accelerate_plugin(config.train.fsdp),
+    )
+    if config.train.sync_batchnorm and accelerator.num_processes > 1:
+        objective, _ = use_global_batchnorm(objective, accelerator.device)
+    return objective, spec, sample_transform, accelerator
 
 
 def _loop(run: _Run, stop_signals: StopSignals, started: float):
     """Train from run.start_step; returns (last step done, total steps, stop signal, metrics)."""
     config, accelerator = run.config, run.accelerator
-    accum, rank = config.train.grad_accum, accelerator.process_index
+    accum, rank = run.layout.grad_accum, accelerator.process_index
     is_main = accelerator.is_main_process
     batches = run.stream.batches(start_micro_step=run.start_step * accum)
     window = MetricWindow(accelerator.device)
@@ -202,7 +235,7 @@ def _loop(run: _Run, stop_signals: StopSignals, started: float):
         micro_batches = [_to_device(next(batches), accelerator.device) for _ in range(accum)]
         result = optimizer_step(
             accelerator, run.model, run.phases, run.optimizers, micro_batches, forward, lr,
-            config.train.clip_grad, on_outputs,
+            config.train.clip_grad, on_outputs, accumulate=run.accumulate,
         )  # fmt: skip
         done = step + 1
         window.steps += 1
@@ -220,8 +253,8 @@ def _loop(run: _Run, stop_signals: StopSignals, started: float):
             last_metrics = _log_metrics(run, window, lr, result, done)
             progress.set_postfix(loss=f"{last_metrics['loss']:.4f}", lr=f"{lr:.2e}")
         image_every = config.logging.image_every
-        if is_main and image_every and (done % image_every == 0 or done == total_steps):
-            run.tracker.log_pictures(run.objective, micro_batches[-1], done)
+        if image_every and (done % image_every == 0 or done == total_steps):
+            _log_pictures(run, micro_batches[-1], done)
         if done % config.train.checkpoint_every == 0 or done == total_steps or stopped_by:
             _save_checkpoint(run, done)
         if stopped_by or done == total_steps:
@@ -233,7 +266,7 @@ def _loop(run: _Run, stop_signals: StopSignals, started: float):
 def _forward_and_logging(run: _Run, window: MetricWindow):
     """The step's forward(batch, phase) and its outputs' way into the metric window. A phase's
     `loss` is logged as loss_<phase>, and `loss` becomes the sum over phases."""
-    accum = run.config.train.grad_accum
+    accum = run.layout.grad_accum
     if not run.phased:
         return (
             lambda batch, phase: run.model(batch),
@@ -247,7 +280,7 @@ def _forward_and_logging(run: _Run, window: MetricWindow):
 
 def _log_metrics(run: _Run, window: MetricWindow, lr: float, result: StepResult, done: int):
     accelerator = run.accelerator
-    skipped = sum(_per_rank(accelerator, run.stream.skipped + run.skipped_before))
+    skipped = sum(per_rank(accelerator, run.stream.skipped + run.skipped_before))
     grad_norms = {
         (f"grad_norm_{phase}" if run.phased else "grad_norm"): float(norm)
         for phase, norm in result.grad_norms.items()
@@ -256,7 +289,7 @@ def _log_metrics(run: _Run, window: MetricWindow, lr: float, result: StepResult,
         **window.means(accelerator),
         "lr": lr,
         **grad_norms,
-        "img_per_s": window.steps * run.global_batch / window.elapsed(),
+        "img_per_s": window.steps * run.layout.global_batch / window.elapsed(),
         "skipped_samples": skipped,
         "nonfinite_steps": run.guard.total,
         "epoch": run.stream.epoch,
@@ -266,20 +299,37 @@ def _log_metrics(run: _Run, window: MetricWindow, lr: float, result: StepResult,
     return metrics
 
 
+def _log_pictures(run: _Run, batch: dict, done: int) -> None:
+    """The objective's pictures, written by the main process. A sharded model computes them on
+    every rank (its forward gathers parameters from all of them)."""
+    if run.sharded:  # autocast: FSDP's bf16 parameters meet fp32 pictures outside forward
+        with sharding.whole_parameters(run.model), run.accelerator.autocast():
+            run.tracker.log_pictures(run.objective, batch, done, every_rank=True)
+    elif run.accelerator.is_main_process:
+        run.tracker.log_pictures(run.objective, batch, done)
+
+
 def _save_checkpoint(run: _Run, done: int) -> None:
-    """Every rank takes part (the skip counts are gathered); the main process writes."""
+    """Every rank takes part (the skip counts, and a sharded model's full state, are gathered);
+    the main process writes."""
     accelerator = run.accelerator
-    skipped_per_rank = _per_rank(accelerator, run.stream.skipped + run.skipped_before)
+    skipped_per_rank = per_rank(accelerator, run.stream.skipped + run.skipped_before)
+    model_state = sharding.model_state(run.objective)
+    optimizer_states = {
+        phase: sharding.optimizer_state(run.objective, optimizer)
+        for phase, optimizer in zip(run.phases, run.optimizers)
+    }
     if accelerator.is_main_process:
         save_checkpoint(
             run.run_dir,
             done,
-            run.objective.state_dict(),
-            {phase: opt.state_dict() for phase, opt in zip(run.phases, run.optimizers)},
+            model_state,
+            optimizer_states,
             {
                 "skipped_samples": sum(skipped_per_rank),
                 "skipped_samples_per_rank": skipped_per_rank,
                 "nonfinite_steps": run.guard.total,
+                **checkpoint_extras(run.layout, accelerator),
             },
             keep=run.config.train.keep_checkpoints,
         )
@@ -302,7 +352,7 @@ def _stop(run: _Run, done: int, stopped_by: str) -> dict:
 def _finish(run: _Run, total_steps: int, last_metrics: dict, on_end, started: float) -> dict:
     """Summary on every process; the main process exports the encoder and writes summary.json."""
     config, accelerator = run.config, run.accelerator
-    skipped_per_rank = _per_rank(accelerator, run.stream.skipped + run.skipped_before)
+    skipped_per_rank = per_rank(accelerator, run.stream.skipped + run.skipped_before)
     if on_end is not None:
         on_end(run.objective, accelerator)
     summary = {
@@ -315,6 +365,7 @@ def _finish(run: _Run, total_steps: int, last_metrics: dict, on_end, started: fl
         "time_limit_reached": total_steps < config.train.steps,
         "run_dir": str(run.run_dir),
     }
+    gathered = sharding.model_state(run.objective) if run.sharded else None  # every rank
     if accelerator.is_main_process:
         meta = {
             "objective": config.objective.name,
@@ -324,10 +375,14 @@ def _finish(run: _Run, total_steps: int, last_metrics: dict, on_end, started: fl
             "std": list(IMAGENET_STD),
             "run_dir": str(run.run_dir),
         }
+        encoder_state = (
+            run.objective.encoder.state_dict()
+            if gathered is None
+            else sharding.submodule_state(gathered, "encoder")
+        )
         if isinstance(run.objective, Exporting):  # not a timm image encoder (mlm: text)
-            weights = run.objective.export(run.run_dir, meta)
+            weights = run.objective.export(run.run_dir, meta, encoder_state)
         else:
-            encoder_state = run.objective.encoder.state_dict()
             weights, _ = export_encoder(
                 run.run_dir, encoder_state, run.spec.name, run.spec.kwargs, meta
             )
@@ -359,18 +414,3 @@ def _to_device(batch: dict, device) -> dict:
         key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
         for key, value in batch.items()
     }
-
-
-def _per_rank(accelerator, count: int) -> list[int]:
-    """Every rank's `count` (e.g. skipped samples), on every rank: a summed one-hot vector."""
-    counts = torch.zeros(accelerator.num_processes, dtype=torch.int64, device=accelerator.device)
-    counts[accelerator.process_index] = count
-    return sum_across_processes(accelerator, counts).tolist()
-
-
-def _own_count(state: dict, rank: int, world: int) -> int:
-    """This rank's skipped-sample count from a checkpoint; all on rank 0 if the world changed."""
-    per_rank = state.get("skipped_samples_per_rank")
-    if per_rank is not None and len(per_rank) == world:
-        return per_rank[rank]
-    return state.get("skipped_samples", 0) if rank == 0 else 0

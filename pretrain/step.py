@@ -2,9 +2,14 @@
 
 For each optimizer phase in order (one phase, "main", unless the objective has several; a GAN
 has two): set the phase's lr, run forward + backward over the micro-batches (gradient
-accumulation; DDP all-reduces on the last micro-batch only), clip (the norm is computed and
-logged even without a limit), check that every rank's loss and gradient norm are finite, step
-(or skip on every rank), and zero all gradients.
+accumulation; DDP all-reduces, FSDP reduce-scatters, on the last micro-batch only), clip (the norm
+is computed and logged even without a limit), check that every rank's loss and gradient norm are
+finite, step (or skip on every rank), and zero all gradients.
+
+How the micro-batches make one step's gradients is the `accumulate` argument: by default each
+micro-batch's loss on its own (`separate_micro_batches`); objectives whose loss couples the
+samples of a batch use pretrain.grad_cache.GradCache, which keeps the whole step's batch in one
+loss.
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ import torch
 
 from pretrain.faults import finite_on_every_rank
 from pretrain.optim import set_learning_rate
+from pretrain.sharding import clip_grad_norm, no_gradient_sync
 
 # (batch, phase) -> outputs {"loss": scalar, ...}; the caller closes over the model
 Forward = Callable[[dict, str], dict]
+# (accelerator, model, micro_batches, forward, phase, on_outputs) -> the phase's loss (detached)
+Accumulate = Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -48,29 +56,24 @@ def optimizer_step(
     clip_grad: float | None = None,
     on_outputs: Callable[[dict, str], None] | None = None,
     check_finite: bool = True,
+    accumulate: Accumulate | None = None,
 ) -> StepResult:
     """One step of every phase over `micro_batches` (the step's batch, split for accumulation).
 
-    model: the prepared (possibly DDP-wrapped) model, for no_sync and zero_grad. phases and
-    optimizers: one optimizer per phase, in stepping order. on_outputs(outputs, phase) sees each
-    micro-batch's outputs (for logging). check_finite=False skips the finite check and the host
-    wait that comes with it (benchmarks only).
+    model: the prepared (possibly DDP-wrapped or sharded) model, for no_sync and zero_grad.
+    phases and optimizers: one optimizer per phase, in stepping order. on_outputs(outputs, phase)
+    is called once per micro-batch (for logging; under GradCache each call gets the whole step's
+    outputs, so a mean over the calls is the step's value). check_finite=False skips the finite
+    check and the host wait that comes with it (benchmarks only). accumulate: see the module
+    docstring (default: separate_micro_batches).
     """
-    accum = len(micro_batches)
+    accumulate = accumulate or separate_micro_batches
     grad_norms, step_is_finite = {}, True
     for (phase, named), optimizer in zip(phases.items(), optimizers):
         set_learning_rate(optimizer, lr)
-        phase_loss = torch.zeros((), device=accelerator.device)
-        for micro_step, batch in enumerate(micro_batches):
-            last = micro_step == accum - 1  # gradients are all-reduced on the last one only
-            with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                outputs = forward(batch, phase)
-                accelerator.backward(outputs["loss"] / accum)
-            phase_loss += outputs["loss"].detach().float()
-            if on_outputs is not None:
-                on_outputs(outputs, phase)
+        phase_loss = accumulate(accelerator, model, micro_batches, forward, phase, on_outputs)
         parameters = [parameter for _, parameter in named]
-        grad_norm = accelerator.clip_grad_norm_(parameters, clip_grad or float("inf"))
+        grad_norm = clip_grad_norm(accelerator, optimizer, parameters, clip_grad or float("inf"))
         grad_norms[phase] = grad_norm
         # A NaN/Inf loss or gradient on any rank skips this update on every rank. fp16's
         # GradScaler skips such steps itself and must see step() to lower its scale.
@@ -82,3 +85,21 @@ def optimizer_step(
         # parameters (a generator loss flows through the discriminator).
         model.zero_grad(set_to_none=True)
     return StepResult(step_is_finite, grad_norms)
+
+
+def separate_micro_batches(
+    accelerator, model, micro_batches: list[dict], forward: Forward, phase: str, on_outputs
+) -> torch.Tensor:
+    """Forward + backward of each micro-batch's own loss / K; returns the sum of the losses.
+    The gradients are reduced across processes on the last micro-batch only."""
+    accum = len(micro_batches)
+    phase_loss = torch.zeros((), device=accelerator.device)
+    for micro_step, batch in enumerate(micro_batches):
+        last = micro_step == accum - 1
+        with contextlib.nullcontext() if last else no_gradient_sync(accelerator, model):
+            outputs = forward(batch, phase)
+            accelerator.backward(outputs["loss"] / accum)
+        phase_loss += outputs["loss"].detach().float()
+        if on_outputs is not None:
+            on_outputs(outputs, phase)
+    return phase_loss

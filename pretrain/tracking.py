@@ -93,9 +93,13 @@ class Tracker:
         return path
 
     @torch.no_grad()
-    def log_pictures(self, objective: torch.nn.Module, batch: dict, step: int) -> None:
-        """The objective's pictures of `batch` (a Visualizing objective's), in eval mode."""
-        if not self.is_main or not isinstance(objective, Visualizing):
+    def log_pictures(
+        self, objective: torch.nn.Module, batch: dict, step: int, every_rank: bool = False
+    ) -> None:
+        """The objective's pictures of `batch` (a Visualizing objective's), in eval mode.
+        every_rank: every process computes them (a sharded model's forward needs all of them),
+        the main process writes them."""
+        if not (self.is_main or every_rank) or not isinstance(objective, Visualizing):
             return
         was_training = objective.training
         objective.eval()

@@ -3,9 +3,11 @@ subprocesses tests start, and the real 2-process accelerate launch several tests
 scripts those subprocesses run live in tests/workers/."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,3 +47,33 @@ def train_on_two_ranks(tmp_path: Path, overrides: list[str], timeout: int = 300)
     assert result.returncode == 0, result.stderr[-3000:]
     states = [torch.load(tmp_path / f"params_rank{r}.pt", weights_only=True) for r in (0, 1)]
     return states[0], states[1], result.stdout + result.stderr
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants. torch's launcher starts each training process
+    in a session of its own, so killing the launcher's process group would miss them."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, index = [pid], 0
+    while index < len(tree):
+        tree.extend(children.get(tree[index], []))
+        index += 1
+    for member in tree:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_for(condition, what: str, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

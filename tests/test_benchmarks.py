@@ -14,6 +14,7 @@ import torch
 
 from benchmarks import (
     checkpointing,
+    fsdp_memory,
     gpu_h200,
     loader,
     mae_peer,
@@ -184,3 +185,12 @@ def test_gpu_script_skips_what_the_budget_cannot_cover(capsys):
     result = run(capsys, gpu_h200.main, "--tiny", "--no-compile", "--budget-s", "0")
     for entry in result["results"]:
         assert all("skipped" in measured for measured in entry["variants"].values())
+
+
+@pytest.mark.distributed
+def test_fsdp_memory_halves_what_each_process_holds(capsys):
+    result = run(capsys, fsdp_memory.main, "--tiny")
+    (unsharded,) = result["cases"]["1"]
+    total = unsharded["parameters"] + unsharded["optimizer"]
+    for held in result["cases"]["2"]:
+        assert 0.45 < (held["parameters"] + held["optimizer"]) / total < 0.55

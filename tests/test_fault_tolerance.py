@@ -14,13 +14,12 @@ import re
 import signal
 import subprocess
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import webdataset as wds
-from helpers import PYTHON, ROOT, WORKERS, free_port, python_env
+from helpers import PYTHON, ROOT, WORKERS, free_port, kill_tree, python_env, wait_for
 from PIL import Image
 
 from pretrain.__main__ import EXIT_DIVERGED, EXIT_PREEMPTED
@@ -83,27 +82,6 @@ def local_cpu(args, log_path, **popen):
     )
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants. torch's launcher starts each training process
-    in a session of its own, so killing the launcher's process group would miss them."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited meanwhile
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, index = [pid], 0
-    while index < len(tree):
-        tree.extend(children.get(tree[index], []))
-        index += 1
-    for member in tree:
-        try:
-            os.kill(member, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def finish(process, log_path) -> str:
     try:
         process.wait(timeout=TIMEOUT)
@@ -111,15 +89,6 @@ def finish(process, log_path) -> str:
         if process.poll() is None:
             kill_tree(process.pid)
     return log_path.read_text()
-
-
-def wait_for(condition, what: str, timeout: float = TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def final_weights(run_dir):

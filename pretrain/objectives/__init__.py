@@ -7,6 +7,7 @@ import pkgutil
 
 from pretrain.objectives.registry import (
     OBJECTIVES,
+    EmbeddingObjective,
     Exporting,
     Objective,
     ObjectiveEntry,
@@ -19,6 +20,7 @@ from pretrain.objectives.registry import (
 
 __all__ = [
     "OBJECTIVES",
+    "EmbeddingObjective",
     "Exporting",
     "Objective",
     "ObjectiveEntry",

@@ -62,13 +62,15 @@ class CLIP(nn.Module):
             load_text_encoder(self.text, settings.text_init)
         self.sigmoid = settings.loss == "siglip"
         # The learnable temperature lives in log space; CLIP starts at 1/0.07, SigLIP at 10.
+        # Scalars are stored as (1,): FSDP shards no 0-dim parameter.
         initial_scale = 10.0 if self.sigmoid else 1.0 / settings.init_temperature
-        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(initial_scale)))
+        self.log_logit_scale = nn.Parameter(torch.tensor([math.log(initial_scale)]))
         self.max_log_logit_scale = math.log(settings.max_logit_scale)
         self.logit_bias = (
-            nn.Parameter(torch.tensor(settings.siglip_init_bias)) if self.sigmoid else None
+            nn.Parameter(torch.tensor([settings.siglip_init_bias])) if self.sigmoid else None
         )
         self.global_negatives = settings.negatives == "global"
+        self.register_load_state_dict_pre_hook(_scalars_as_one_element)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """list[str] -> (len, T) token ids."""
@@ -84,19 +86,32 @@ class CLIP(nn.Module):
 
     def logit_scale(self) -> torch.Tensor:
         """exp of the learnable log scale, clamped at ln(max) (gradient stops past the clamp)."""
-        return self.log_logit_scale.clamp(max=self.max_log_logit_scale).exp()
+        return self.log_logit_scale.clamp(max=self.max_log_logit_scale).exp().squeeze(0)
 
-    def forward(self, batch: dict) -> dict:
-        image = self.encode_image(batch["image"])  # (B, D)
-        text = self.encode_text(batch["text"])  # (B, D)
+    def forward(self, batch: dict, embed_only: bool = False) -> dict:
+        """The loss and its statistics; with embed_only, what the loss is taken on
+        (EmbeddingObjective: GradCache accumulation): {"image", "text"} (B, D) and the 0-dim
+        "logit_scale" (and SigLIP's "logit_bias")."""
+        embeddings = {
+            "image": self.encode_image(batch["image"]),  # (B, D)
+            "text": self.encode_text(batch["text"]),  # (B, D)
+            "logit_scale": self.logit_scale(),
+        }
+        if self.sigmoid:
+            embeddings["logit_bias"] = self.logit_bias.squeeze(0)  # 0-dim
+        return embeddings if embed_only else self.embedding_loss(embeddings)
+
+    def embedding_loss(self, embeddings: dict) -> dict:
+        """The contrastive loss of the embeddings against the global batch's (gathered here)."""
+        image, text, scale = embeddings["image"], embeddings["text"], embeddings["logit_scale"]
         if self.global_negatives:
             (image_all, text_all), offset = gather_global_batch(image, text)  # (N, D) each
         else:
             image_all = text_all = None
             offset = 0
-        scale = self.logit_scale()
         if self.sigmoid:
-            loss = siglip_loss(image, text, scale, self.logit_bias, image_all, text_all, offset)
+            bias = embeddings["logit_bias"]
+            loss = siglip_loss(image, text, scale, bias, image_all, text_all, offset)
         else:
             loss = clip_loss(image, text, scale, image_all, text_all, offset)
         image_to_text = retrieval_stats(image, text, text_all, offset)
@@ -109,6 +124,14 @@ class CLIP(nn.Module):
             "top1_image_to_text": image_to_text["top1"],
             "top1_text_to_image": text_to_image["top1"],
         }
+
+
+def _scalars_as_one_element(module, state_dict, prefix, *args) -> None:
+    """Checkpoints written before the scalars became (1,) load as they are."""
+    for name in ("log_logit_scale", "logit_bias"):
+        value = state_dict.get(prefix + name)
+        if value is not None and value.dim() == 0:
+            state_dict[prefix + name] = value.reshape(1)
 
 
 def clip_train_transform(config: Config) -> ImageText:

@@ -112,10 +112,10 @@ class MaskedLanguageModel(nn.Module):
             "perplexity": mean_loss.exp(),
         }
 
-    def export(self, run_dir: Path, meta: dict) -> Path:
+    def export(self, run_dir: Path, meta: dict, encoder_state: dict) -> Path:
         """export/text_encoder.safetensors + text_encoder.json (how to rebuild it, tokenizer)."""
         card = {**self.spec.card(), **{key: meta[key] for key in ("objective", "steps", "run_dir")}}
-        weights, _ = export_text_encoder(run_dir, self.encoder.state_dict(), card)
+        weights, _ = export_text_encoder(run_dir, encoder_state, card)
         return weights
 
 

@@ -47,6 +47,24 @@ class PhasedObjective(Objective, Protocol):
 
 
 @runtime_checkable
+class EmbeddingObjective(Objective, Protocol):
+    """An objective whose samples meet only in the loss, through per-sample embeddings (a
+    contrastive loss: every sample is every other's negative), so that
+
+        forward(batch) == embedding_loss(forward(batch, embed_only=True))
+
+    Gradient accumulation then keeps the whole step's batch in one loss (pretrain.grad_cache).
+    The embeddings are a dict of tensors: per-sample ones of B rows, and 0-dim values computed
+    from parameters that the loss needs (CLIP's logit scale). embed_only goes through forward so
+    that DDP and FSDP see the call; embedding_loss must not read parameters itself (FSDP keeps
+    them sharded outside forward)."""
+
+    def forward(self, batch: dict[str, Any], embed_only: bool = False) -> dict[str, Any]: ...
+
+    def embedding_loss(self, embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+
+@runtime_checkable
 class Visualizing(Protocol):
     """Optional: pictures for the run directory and W&B, in normalized image space."""
 
@@ -60,9 +78,10 @@ class Exporting(Protocol):
     """Optional: an objective whose exported part is not a timm image encoder (mlm's text
     encoder) writes its own export into run_dir/export/ at the end of the run."""
 
-    def export(self, run_dir: Path, meta: dict[str, Any]) -> Path:
+    def export(self, run_dir: Path, meta: dict[str, Any], encoder_state: dict) -> Path:
         """meta: objective, steps, run_dir and the run's image settings (image_size, mean, std);
-        returns the weights file."""
+        encoder_state: the `encoder`'s state dict (gathered whole under FSDP); returns the
+        weights file."""
         ...
 
 

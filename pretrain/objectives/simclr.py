@@ -89,9 +89,17 @@ class SimCLR(nn.Module):
                 views, params, self.pixel_mean, self.pixel_std, self.blur_kernel, groups
             )
 
-    def forward(self, batch: dict) -> dict:
+    def forward(self, batch: dict, embed_only: bool = False) -> dict:
+        """The loss and its statistics; with embed_only, the projections {"z1", "z2"} (B, D)
+        that the loss is taken on (EmbeddingObjective: GradCache accumulation)."""
         views = self.views(batch)  # (2B, 3, H, W): one encoder pass
         z1, z2 = self.projection(self.encoder(views)).chunk(2)  # (B, D) each
+        embeddings = {"z1": z1, "z2": z2}
+        return embeddings if embed_only else self.embedding_loss(embeddings)
+
+    def embedding_loss(self, embeddings: dict) -> dict:
+        """NT-Xent of {"z1", "z2"} (B, D) against the global batch's (gathered here)."""
+        z1, z2 = embeddings["z1"], embeddings["z2"]
         if self.global_negatives:
             (z1_all, z2_all), offset = gather_global_batch(z1, z2)  # (N, D) each, rank order
         else:
