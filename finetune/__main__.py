@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from finetune.config import MODES, FinetuneConfig, load_finetune_config
-from finetune.data import class_names_for, resolve_shards
+from finetune.data import class_names_for, require_labels, resolve_shards
 from finetune.encoder import EncoderNotFound, locate_encoder
 from finetune.job import Job
 from pretrain.distributed import make_accelerator
@@ -131,6 +131,9 @@ def run(args, config: FinetuneConfig) -> dict | None:
     train_urls, val_urls = resolve_shards(
         config.data, source, accelerator, need_train=args.mode != "zeroshot"
     )
+    if args.mode != "zeroshot":
+        require_labels(train_urls, "train", args.mode)
+        require_labels(val_urls, "val", args.mode)
     default_output = (source.run_dir or source.card_path.parent) / "eval"
     job = Job(
         mode=args.mode,

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from pretrain.checkpoint import export_encoder, latest_checkpoint, load_checkpoint, save_checkpoint
 from pretrain.config import Config, to_dict
-from pretrain.data import TrainingStream, demo_shards, expand_shards
+from pretrain.data import TrainingStream, demo_shards, expand_shards, require_fields
 from pretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.distributed import make_accelerator, sum_across_processes
 from pretrain.errors import ConfigError
@@ -43,6 +43,7 @@ from pretrain.faults import (
     stop_signals_blocked,
 )
 from pretrain.models.encoder import EncoderSpec
+from pretrain.monitor import OnlineKnn
 from pretrain.objectives import PhasedObjective, get_objective
 from pretrain.optim import (
     build_optimizer,
@@ -93,6 +94,7 @@ class _Run:
     start_step: int
     skipped_before: int  # this rank's skipped samples before a resume
     guard: NonFiniteGuard
+    monitor: OnlineKnn | None = None  # the online kNN evaluation (monitor.every > 0)
 
     @property
     def phased(self) -> bool:
@@ -128,6 +130,8 @@ def _start(config: Config, resume_dir) -> _Run:
         )
     _use_demo_data_if_unset(config, accelerator)
     shards = expand_shards(config.data.train_shards, allow_pipe=config.data.allow_pipe)
+    require_fields(shards, entry.needs, f"objective {config.objective.name}")
+    monitor = OnlineKnn.start(config, accelerator, shards)
 
     global_batch = config.data.batch_size * accelerator.num_processes * config.train.grad_accum
     base_lr = scaled_lr(config.optimizer.blr, config.optimizer.lr, global_batch)
@@ -174,7 +178,7 @@ def _start(config: Config, resume_dir) -> _Run:
     guard = NonFiniteGuard(config.train.max_nonfinite_steps, nonfinite_steps)
     return _Run(
         config, accelerator, objective, model, spec, phases, optimizers, run_dir, tracker,
-        stream, global_batch, base_lr, start_step, skipped_before, guard,
+        stream, global_batch, base_lr, start_step, skipped_before, guard, monitor,
     )  # fmt: skip
 
 
@@ -191,6 +195,9 @@ def _loop(run: _Run, stop_signals: StopSignals, started: float):
     progress = tqdm(
         total=total_steps, initial=done, disable=not is_main, desc="pretrain", unit="step"
     )
+    postfix = {}  # the progress bar's: loss, lr and (monitored) knn
+    if run.monitor is not None and run.start_step == 0:
+        _monitor(run, 0, window, progress, postfix)
     run.model.train()
     for step in range(run.start_step, config.train.steps):
         seed_step(config.train.seed, step, rank)
@@ -217,7 +224,10 @@ def _loop(run: _Run, stop_signals: StopSignals, started: float):
 
         if done % config.logging.log_every == 0 or done == total_steps:
             last_metrics = _log_metrics(run, window, lr, result, done)
-            progress.set_postfix(loss=f"{last_metrics['loss']:.4f}", lr=f"{lr:.2e}")
+            postfix.update(loss=f"{last_metrics['loss']:.4f}", lr=f"{lr:.2e}")
+            progress.set_postfix(postfix)
+        if run.monitor is not None and run.monitor.due(done, total_steps):
+            _monitor(run, done, window, progress, postfix)
         image_every = config.logging.image_every
         if is_main and image_every and (done % image_every == 0 or done == total_steps):
             run.tracker.log_pictures(run.objective, micro_batches[-1], done)
@@ -242,6 +252,15 @@ def _forward_and_logging(run: _Run, window: MetricWindow):
         lambda batch, phase: run.model(batch, phase=phase),
         lambda outputs, phase: window.add({**outputs, f"loss_{phase}": outputs["loss"]}, accum),
     )
+
+
+def _monitor(run: _Run, step: int, window: MetricWindow, progress, postfix: dict) -> None:
+    """The online kNN evaluation after `step` steps, onto the progress bar; its time is kept
+    out of the training speed (img_per_s)."""
+    metrics = run.monitor.report(run.objective.encoder, run.tracker, step)
+    window.started += metrics["knn_s"]
+    postfix["knn"] = f"{metrics['knn_top1']:.3f}"
+    progress.set_postfix(postfix)
 
 
 def _log_metrics(run: _Run, window: MetricWindow, lr: float, result: StepResult, done: int):
@@ -314,6 +333,8 @@ def _finish(run: _Run, total_steps: int, last_metrics: dict, on_end, started: fl
         "time_limit_reached": total_steps < config.train.steps,
         "run_dir": str(run.run_dir),
     }
+    if run.monitor is not None:
+        summary["knn_top1"] = run.monitor.last
     if accelerator.is_main_process:
         meta = {
             "objective": config.objective.name,

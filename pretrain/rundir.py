@@ -21,7 +21,8 @@ from pretrain.config import Config, save_config, to_dict
 from pretrain.distributed import broadcast_from_main
 from pretrain.errors import ConfigError
 
-# What a continued run may change: how long it runs, how often it saves, what it logs.
+# What a continued run may change: how long it runs, how often it saves, what it logs and
+# monitors.
 CHANGEABLE_ON_RESUME = (
     "train.steps",
     "train.checkpoint_every",
@@ -30,6 +31,7 @@ CHANGEABLE_ON_RESUME = (
     "train.time_limit_minutes",
     "train.compile",
     "logging.",
+    "monitor.",
 )
 
 
