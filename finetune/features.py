@@ -287,7 +287,8 @@ def job_features(
 def frozen_features(job: Job, random_init: bool) -> tuple[FeatureSet, FeatureSet, bool]:
     """Train and val features of the job's frozen encoder (labels required), cached."""
     data, source, accelerator = job.config.data, job.source, job.accelerator
-    encoder = source.create(random_init=random_init, seed=0)
+    image_size = data.image_size or source.image_size
+    encoder = source.create(random_init=random_init, seed=0, image_size=image_size)
     set_pooling(encoder, data.pool)
     encoder.to(accelerator.device)
     identity = {
@@ -297,7 +298,6 @@ def frozen_features(job: Job, random_init: bool) -> tuple[FeatureSet, FeatureSet
         "std": list(source.std),
     }
     label = "random-init" if random_init else "pretrained"
-    image_size = data.image_size or source.image_size
     splits, all_cached = [], True
     for split in ("train", "val"):
         features, cached = job_features(

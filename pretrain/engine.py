@@ -42,6 +42,7 @@ from pretrain.faults import (
     stop_on_any_rank,
     stop_signals_blocked,
 )
+from pretrain.hub import write_hub_layout
 from pretrain.models.encoder import EncoderSpec
 from pretrain.monitor import OnlineKnn
 from pretrain.objectives import PhasedObjective, get_objective
@@ -348,6 +349,7 @@ def _finish(run: _Run, total_steps: int, last_metrics: dict, on_end, started: fl
         weights, _ = export_encoder(
             run.run_dir, encoder_state, run.spec.name, run.spec.kwargs, meta
         )
+        write_hub_layout(weights.parent, run.spec.name, run.spec.kwargs, meta)
         summary["export"] = str(weights)
         summary["wall_s"] = round(time.perf_counter() - started, 1)
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
