@@ -43,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     data.val_shards = demo["val"]
     workload = workloads.build(config, device, batch_size=data.batch_size)
     accelerator = make_accelerator("no", None)
-    started = time.perf_counter()
-    monitor = OnlineKnn.start(config, accelerator, [])
-    load_s = time.perf_counter() - started
     encoder = workload.objective.encoder
+    started = time.perf_counter()
+    monitor = OnlineKnn.start(config, accelerator, [], encoder)
+    load_s = time.perf_counter() - started
 
     workload.step()  # untimed: allocator, lazy init
     monitor.evaluate(encoder)

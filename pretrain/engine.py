@@ -132,7 +132,7 @@ def _start(config: Config, resume_dir) -> _Run:
     _use_demo_data_if_unset(config, accelerator)
     shards = expand_shards(config.data.train_shards, allow_pipe=config.data.allow_pipe)
     require_fields(shards, entry.needs, f"objective {config.objective.name}")
-    monitor = OnlineKnn.start(config, accelerator, shards)
+    monitor = OnlineKnn.start(config, accelerator, shards, objective.encoder)
 
     global_batch = config.data.batch_size * accelerator.num_processes * config.train.grad_accum
     base_lr = scaled_lr(config.optimizer.blr, config.optimizer.lr, global_batch)

@@ -138,16 +138,20 @@ def publish(path: str | Path, repo_id: str, private: bool = False, token: str | 
     return str(getattr(commit, "commit_url", commit))
 
 
-def main(argv: list[str]) -> int:
-    """`pretrain publish RUN_DIR --repo ORG/NAME [--private]`."""
-    parser = argparse.ArgumentParser(
+def parser() -> argparse.ArgumentParser:
+    arguments = argparse.ArgumentParser(
         prog="pretrain publish",
         description="Upload a run's encoder export to the Hugging Face Hub in timm's layout.",
     )
-    parser.add_argument("run", help="run directory or its export folder")
-    parser.add_argument("--repo", required=True, help="Hub repo id, e.g. my-org/my-mae")
-    parser.add_argument("--private", action="store_true", help="create the repo private")
-    args = parser.parse_args(argv)
+    arguments.add_argument("run", help="run directory or its export folder")
+    arguments.add_argument("--repo", required=True, help="Hub repo id, e.g. my-org/my-mae")
+    arguments.add_argument("--private", action="store_true", help="create the repo private")
+    return arguments
+
+
+def main(argv: list[str]) -> int:
+    """`pretrain publish RUN_DIR --repo ORG/NAME [--private]`."""
+    args = parser().parse_args(argv)
     try:
         url = publish(args.run, args.repo, private=args.private)
     except UserError as error:

@@ -100,8 +100,11 @@ class OnlineKnn:
         self.last: float | None = None
 
     @classmethod
-    def start(cls, config, accelerator: Accelerator, train_urls: list[str]) -> OnlineKnn | None:
-        """None when monitor.every is 0; else load the subset (one line if there is none)."""
+    def start(
+        cls, config, accelerator: Accelerator, train_urls: list[str], encoder: nn.Module
+    ) -> OnlineKnn | None:
+        """None when monitor.every is 0; else load the subset (one line if there is none).
+        `encoder`: the run's, to check that it has what monitor.pool asks for."""
         settings = config.monitor
         if settings.every <= 0:
             return None
@@ -110,6 +113,8 @@ class OnlineKnn:
                 "monitor.samples must be at least 2, monitor.k at least 1 and "
                 "monitor.temperature positive"
             )
+        if settings.pool == "cls" and getattr(encoder, "cls_token", None) is None:
+            raise ConfigError(f"monitor.pool=cls: {config.model.name} has no class token; use avg")
         urls = _labelled_shards(config, train_urls, settings.samples)
         with rng_states_kept():
             subset = _load_subset(urls, config, accelerator)

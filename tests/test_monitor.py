@@ -127,6 +127,12 @@ def test_monitor_without_labelled_data_stops_in_one_line_before_the_run_dir(
     assert code == 2 and len(err) == 1, err
     assert "online kNN needs labelled data" in err[0] and "data.train_shards" in err[0]
     assert not (tmp_path / "runs").exists()
+    # The class token of a model that has none: also refused before anything starts.
+    conv = ["objective.name=autoencoder", "model.name=dcgan_encoder", "model.kwargs={width: 8}"]
+    vit_free = [arg for arg in tiny_run if not arg.startswith("model.kwargs")]
+    code, _, err = run([*vit_free, *conv, "monitor.every=2", "monitor.pool=cls"], capsys)
+    assert code == 2 and len(err) == 1 and "has no class token" in err[0], err
+    assert not (tmp_path / "runs").exists()
     # Labelled val shards make the same unlabelled training run monitorable.
     labelled = ensure_demo_data(demo_dir, 256, 64, 32, seed=0)["val"]
     code, _, err = run([*args, f"monitor.shards={labelled}", "train.steps=2"], capsys)

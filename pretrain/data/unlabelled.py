@@ -150,9 +150,13 @@ def _write(images, relative, out_dir, source, others, seed, max_images, progress
         index = write_shards(samples(), out_dir, total=wanted, progress=progress, **options)
     except DataError as error:
         if unreadable and str(error).startswith("no samples to write"):
+            files = (
+                "the one image file"
+                if len(unreadable) == 1
+                else f"all {len(unreadable)} image files"
+            )
             raise DataError(
-                f"no readable images in {source}: all {len(unreadable)} image files failed to "
-                f"decode (first: {unreadable[0]})"
+                f"no readable images in {source}: {files} failed to decode (first: {unreadable[0]})"
             ) from None
         raise
     skipped = others + unreadable

@@ -21,7 +21,7 @@ if __name__ == "__main__":
     torch.manual_seed(0)  # the same weights on every process
     encoder, _ = encoder_from_config(config)
     encoder = encoder.double().to(accelerator.device)
-    monitor = OnlineKnn.start(config, accelerator, [])
+    monitor = OnlineKnn.start(config, accelerator, [], encoder)
     features = monitor.features(encoder)
     result = {"features": features, "top1": monitor.evaluate(encoder), "labels": monitor.labels}
     torch.save(result, out / f"rank{accelerator.process_index}.pt")
