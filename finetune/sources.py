@@ -41,14 +41,15 @@ HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # timm's Hub files, pr
 def find_encoder(spec: str, weights: str | None = None, kwargs: str | None = None):
     """The EncoderSource `--encoder spec` names (see the module docstring)."""
     extra = _parse_kwargs(kwargs)
-    path = Path(spec)
-    if weights is None and not extra:
-        if (path / "config.json").is_file() and not _has_card(path):
-            return hub_folder_source(path)
-        if path.exists() or _has_card(path):
-            return locate_encoder(path)
     if spec.startswith("hf-hub:"):
         return hub_folder_source(_cached_hub_folder(spec[len("hf-hub:") :]))
+    path = Path(spec)
+    if path.exists() or os.sep in spec or spec.startswith("."):  # a path, not a timm name
+        if weights is not None or extra:
+            raise EncoderNotFound("--weights and --timm-kwargs go with a timm model name")
+        if (path / "config.json").is_file() and not _has_card(path):
+            return hub_folder_source(path)
+        return locate_encoder(path)  # its one-line error names the export it expected
     architecture, tag = split_model_name_tag(spec)
     if not timm.is_model(architecture):
         raise EncoderNotFound(
