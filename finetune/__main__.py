@@ -6,6 +6,9 @@
     finetune zeroshot --encoder CLIP_RUN_DIR [--val SHARDS] [--classes a,b]   CLIP zero-shot
     finetune mlm      --encoder MLM_RUN_DIR [--val SHARDS]                    masked-token top-1
 
+--encoder also takes any timm encoder (finetune.sources): NAME --weights FILE, a pretrained
+NAME.TAG or hf-hub:ORG/NAME already in the local Hugging Face cache, or a Hub-layout folder.
+
 Every mode takes --config FILE (configs/finetune/*.yaml), section.key=value overrides,
 --random-init (the same path on a fresh encoder of the same architecture) and
 --compare-random-init (both). Shards default to the pretraining run's own data. Results go to
@@ -23,9 +26,10 @@ import time
 from pathlib import Path
 
 from finetune.config import MODES, FinetuneConfig, load_finetune_config
-from finetune.data import class_names_for, resolve_shards
+from finetune.data import class_names_for, require_labels, resolve_shards
 from finetune.encoder import EncoderNotFound, locate_encoder
 from finetune.job import Job
+from finetune.sources import find_encoder
 from pretrain.checkpoint import TEXT_CARD
 from pretrain.distributed import make_accelerator
 from pretrain.errors import UserError
@@ -47,7 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     modes = parser.add_subparsers(dest="mode", required=True)
     for mode in MODES:
         command = modes.add_parser(mode, help=HELP[mode])
-        command.add_argument("--encoder", required=True, help="run directory or export folder")
+        command.add_argument(
+            "--encoder",
+            required=True,
+            help="run directory or export folder; or a timm encoder: NAME --weights FILE, a "
+            "pretrained NAME.TAG or hf-hub:ORG/NAME in the local Hugging Face cache, or a "
+            "Hub-layout folder (config.json + model.safetensors)",
+        )
+        command.add_argument(
+            "--weights", help="a state dict for a timm --encoder NAME (.safetensors, .bin, .pth)"
+        )
+        command.add_argument(
+            "--timm-kwargs", help="timm.create_model arguments for NAME, e.g. '{img_size: 32}'"
+        )
         command.add_argument("--config", help="YAML file listing what differs from defaults")
         command.add_argument("--train", help="train shards (default: the run's data)")
         command.add_argument("--val", help="val shards (default: the run's data)")
@@ -129,10 +145,12 @@ def _runner(mode: str):
 
 def run(args, config: FinetuneConfig) -> dict | None:
     started = time.perf_counter()
-    if args.mode == "mlm":
+    if args.mode == "mlm":  # the text encoder's card
         source = locate_encoder(args.encoder, TEXT_CARD, required=("open_clip_kwargs",))
     else:
-        source = locate_encoder(args.encoder)
+        source = find_encoder(args.encoder, args.weights, args.timm_kwargs)
+    if config.data.mean:  # the weights' own normalization, when the encoder's card lacks it
+        source.card["mean"], source.card["std"] = list(config.data.mean), list(config.data.std)
     if args.mode in RUN_DIR_MODES and source.run_dir is None:
         raise EncoderNotFound(f"{args.mode} needs the run directory, not only {args.encoder}")
     precision = config.full.mixed_precision if args.mode == "full" else "auto"
@@ -140,7 +158,13 @@ def run(args, config: FinetuneConfig) -> dict | None:
     train_urls, val_urls = resolve_shards(
         config.data, source, accelerator, need_train=args.mode not in RUN_DIR_MODES
     )
-    default_output = (source.run_dir or source.card_path.parent) / "eval"
+    if args.mode not in RUN_DIR_MODES:
+        require_labels(train_urls, "train", args.mode)
+        require_labels(val_urls, "val", args.mode)
+    if source.run_dir or source.card_path:
+        default_output = (source.run_dir or source.card_path.parent) / "eval"
+    else:  # a timm encoder: beside the runs
+        default_output = Path("runs") / source.name / "eval"
     job = Job(
         mode=args.mode,
         config=config,

@@ -32,6 +32,10 @@ class DataConfig:
     train_samples: int = 0
     classes: list = field(default_factory=list)  # class names; empty: the shard index's
     pool: Literal["avg", "cls"] = "avg"  # features: mean of patch tokens, or the class token
+    # Input normalization (3 values each); empty: the encoder's own (its export's card, or
+    # timm's pretrained config for a timm encoder).
+    mean: list = field(default_factory=list)
+    std: list = field(default_factory=list)
     cache_dir: str = ""  # feature cache; empty: <output>/features
     cache: bool = True
     allow_pipe: bool = False
@@ -154,6 +158,12 @@ def _check(config: FinetuneConfig) -> None:
         raise ConfigError("zeroshot.templates must be strings that each hold '{}'")
     if not all(isinstance(name, str) for name in config.data.classes):
         raise ConfigError("data.classes must be a list of class names")
+    data = config.data
+    for values in (data.mean, data.std):
+        if values and (len(values) != 3 or not all(isinstance(v, (int, float)) for v in values)):
+            raise ConfigError("data.mean and data.std must be 3 numbers each")
+    if bool(data.mean) != bool(data.std):
+        raise ConfigError("give data.mean and data.std together")
     full = config.full
     if full.epochs < 1 or full.batch_size < 1 or full.grad_accum < 1:
         raise ConfigError("full.epochs, full.batch_size and full.grad_accum must be at least 1")

@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from finetune.config import DataConfig
 from finetune.encoder import EncoderSource
 from pretrain.config import DataConfig as PretrainDataConfig
-from pretrain.data import demo_shards, expand_shards
+from pretrain.data import demo_shards, expand_shards, peek_fields
 from pretrain.errors import DataError
 
 
@@ -38,6 +38,19 @@ def resolve_shards(
         raise DataError("give train shards (--train): the pretraining run names none")
     train_urls = expand_shards(train, allow_pipe=data.allow_pipe) if need_train else []
     return train_urls, expand_shards(val, allow_pipe=data.allow_pipe)
+
+
+def require_labels(urls: Sequence[str], split: str, mode: str) -> None:
+    """Stop in one line, before any long pass, when a probe's shards carry no class labels
+    (a look at their first sample: unlabelled shards, img2dataset-style sets)."""
+    fields = peek_fields(list(urls))
+    if fields is not None and "cls" not in fields:
+        more = " ..." if len(urls) > 1 else ""
+        raise DataError(
+            f"finetune {mode} needs labelled data, and the {split} shards ({urls[0]}{more}) carry "
+            "no class labels (cls): give --train and --val shards with labels, e.g. written by "
+            "`pretrain shards imagefolder`"
+        )
 
 
 def _demo_shards(accelerator: Accelerator) -> dict:

@@ -1,8 +1,11 @@
 """Find an exported encoder and its pretraining run; build it frozen, random-init, or with a head.
 
-`--encoder` may name a run directory, its `export/` folder, or `encoder.json` itself. The export
-is a headless timm model (`num_classes=0`) whatever the objective was, so decoders and
-projection heads never come along.
+`--encoder` may name a run directory, its `export/` folder, or `encoder.json` itself; any other
+timm encoder (a model name with a weights file, a pretrained tag in the local cache, a Hub-layout
+folder) comes through finetune.sources as the same EncoderSource. The export is a headless timm
+model (`num_classes=0`) whatever the objective was, so decoders and projection heads never come
+along. At another image size than the encoder's (`data.image_size`), a patch model is built for
+that size and its position embeddings are resampled as timm resamples them; the patch size stays.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 import torch.nn as nn
 import yaml
 from safetensors.torch import load_file
+from timm.layers import resample_abs_pos_embed
 
 from pretrain.checkpoint import EXPORT, TEXT_CARD
 from pretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -29,20 +33,42 @@ class EncoderNotFound(UserError):
 
 @dataclass
 class EncoderSource:
-    """An encoder export and, when it can be found, the pretraining run it came from."""
+    """An encoder: an export of this toolkit (and, when it can be found, the pretraining run it
+    came from), or any timm encoder whose weights are already in memory (finetune.sources)."""
 
     card: dict  # encoder.json: timm_name, timm_kwargs, objective, steps, image_size, mean, std
-    card_path: Path
+    card_path: Path | None  # None for encoders that are not an export of this toolkit
     run_dir: Path | None = None
     run_id: str | None = None  # the pretraining W&B run id (run.json): the group of our runs
     run_config: dict = field(default_factory=dict)  # the run's config.yaml
+    weights: dict | None = None  # the state dict, when it does not come from card_path's folder
+    label: str = ""  # names a source without a card: "timm-vit_small_patch16_224.augreg_in1k"
 
     @property
     def name(self) -> str:
         if self.run_dir:
             return self.run_dir.name
+        if self.card_path is None:
+            return self.label
         folder = self.card_path.parent
         return folder.parent.name if folder.name == EXPORT else folder.name
+
+    @property
+    def location(self) -> str:
+        """What the results name as the encoder: the card's path, or where the weights came from."""
+        return str(self.card_path) if self.card_path is not None else self.card["source"]
+
+    def load_weights(self) -> dict:
+        if self.weights is not None:
+            return self.weights
+        return load_file(str(self.card_path.with_name("encoder.safetensors")))
+
+    def timm_kwargs(self, image_size: int | None = None) -> dict:
+        """The card's timm arguments, for `image_size` inputs when the model takes a size."""
+        kwargs = dict(self.card["timm_kwargs"])
+        if image_size and image_size != self.image_size and "img_size" in kwargs:
+            kwargs["img_size"] = image_size
+        return kwargs
 
     @property
     def image_size(self) -> int:
@@ -56,16 +82,18 @@ class EncoderSource:
     def std(self) -> tuple:
         return tuple(self.card.get("std", IMAGENET_STD))
 
-    def create(self, random_init: bool, seed: int = 0, **overrides) -> nn.Module:
-        """The encoder (eval mode): exported weights, or a fresh seeded init of the same
-        architecture (the baseline that shows what pretraining bought). `overrides` change
-        timm arguments such as num_classes; then weights load except the new head."""
+    def create(
+        self, random_init: bool, seed: int = 0, image_size: int | None = None, **overrides
+    ) -> nn.Module:
+        """The encoder (eval mode) for `image_size` inputs (default: its own): its weights, or
+        a fresh seeded init of the same architecture (the baseline that shows what pretraining
+        bought). `overrides` change timm arguments such as num_classes; then weights load
+        except the new head."""
         torch.manual_seed(seed)
-        kwargs = {**self.card["timm_kwargs"], **overrides}
+        kwargs = {**self.timm_kwargs(image_size), **overrides}
         model = EncoderSpec(self.card["timm_name"], kwargs).create()
         if not random_init:
-            weights = load_file(str(self.card_path.with_name("encoder.safetensors")))
-            load_all_but_head(model, weights)
+            load_all_but_head(model, fit_position_embeddings(model, self.load_weights()))
         return model.eval()
 
 
@@ -118,6 +146,28 @@ def _find_run_dir(card_path: Path, card: dict) -> Path | None:
     return None
 
 
+def fit_position_embeddings(model: nn.Module, weights: dict) -> dict:
+    """`weights` with a ViT's absolute position embeddings resampled to `model`'s patch grid
+    (bicubic, antialiased, the class/register tokens' embeddings kept: what timm does when it
+    loads pretrained weights at another image size). Same grid: returned as they are."""
+    table = weights.get("pos_embed")
+    target = getattr(model, "pos_embed", None)
+    if table is None or target is None or table.shape == target.shape:
+        return weights
+    patches = weights.get("patch_embed.proj.weight")
+    if patches is not None and patches.shape != model.patch_embed.proj.weight.shape:
+        raise ModelError(
+            f"the weights have {tuple(patches.shape[-2:])} patches and the model "
+            f"{tuple(model.patch_embed.proj.weight.shape[-2:])}: the patch size cannot change"
+        )
+    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    resampled = resample_abs_pos_embed(
+        table, new_size=model.patch_embed.grid_size, num_prefix_tokens=prefix,
+        interpolation="bicubic", antialias=True,
+    )  # fmt: skip
+    return {**weights, "pos_embed": resampled}
+
+
 def load_all_but_head(model: nn.Module, weights: dict) -> None:
     """Strict loading, except that the classifier head (absent from a headless export) may be
     missing: every other key must match."""
@@ -160,23 +210,30 @@ def set_pooling(model: nn.Module, pool: str, num_classes: int = 0) -> None:
 
 
 def build_classifier(
-    source: EncoderSource, num_classes: int, pool: str, random_init: bool, seed: int = 0, **extra
+    source: EncoderSource,
+    num_classes: int,
+    pool: str,
+    random_init: bool,
+    seed: int = 0,
+    image_size: int | None = None,
+    **extra,
 ) -> tuple[nn.Module, dict]:
-    """The encoder with a new `num_classes` head on `pool`-pooled features, in train mode,
-    plus the timm kwargs that rebuild it. `extra`: more timm arguments (drop_path_rate).
+    """The encoder with a new `num_classes` head on `pool`-pooled features for `image_size`
+    inputs, in train mode, plus the timm kwargs that rebuild it. `extra`: more timm arguments
+    (drop_path_rate).
 
     The pooling goes into the timm arguments so the saved classifier rebuilds with plain
     timm. Some models then add layers (a ViT with global_pool="avg" moves its final norm to
     fc_norm); the first variant whose parameter names match the export's is taken, so the
     pretrained weights load strictly.
     """
-    headless = source.create(random_init=True, seed=seed)
+    headless = source.create(random_init=True, seed=seed, image_size=image_size)
     if pool == "cls" and getattr(headless, "cls_token", None) is None:
         raise ModelError("this encoder has no class token; use data.pool=avg")
     wanted = set(headless.state_dict())
     timm_pool = "token" if pool == "cls" else "avg"
     for variant in ({"global_pool": timm_pool}, {"global_pool": timm_pool, "fc_norm": False}):
-        kwargs = {**source.card["timm_kwargs"], "num_classes": num_classes, **variant}
+        kwargs = {**source.timm_kwargs(image_size), "num_classes": num_classes, **variant}
         try:
             model = source.create(random_init=True, seed=seed, **{**kwargs, **extra})
         except ModelError:
@@ -186,8 +243,7 @@ def build_classifier(
     else:
         raise ModelError(f"cannot give {source.card['timm_name']} a head on {pool} pooling")
     if not random_init:
-        weights = load_file(str(source.card_path.with_name("encoder.safetensors")))
-        load_all_but_head(model, weights)
+        load_all_but_head(model, fit_position_embeddings(model, source.load_weights()))
     head = model.get_classifier()
     if isinstance(head, nn.Linear):  # MAE finetuning: a near-zero head leaves features intact
         nn.init.trunc_normal_(head.weight, std=2e-5)

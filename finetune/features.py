@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from finetune.encoder import set_pooling, weights_fingerprint
-from pretrain.data import count_samples, eval_loader
+from pretrain.data import count_samples, eval_loader, shards_covering
 from pretrain.data.transforms import eval_transform
 from pretrain.distributed import broadcast_from_main, gather_objects, gather_rows
 from pretrain.errors import DataError
@@ -37,11 +37,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 GATHER_ROWS = 16384  # rows per all-gather: bounds the device memory a gather needs
-FEATURE_CACHE_VERSION = 1  # bump when extraction changes what the same inputs produce
+FEATURE_CACHE_VERSION = 2  # bump when extraction changes what the same inputs produce
 
 
 class SampleTransform:
-    """Decoded sample -> {"image": [3, H, W], "label"?, "caption"?} for feature extraction.
+    """Decoded sample -> {"image": [3, H, W], "label"?, "captions"?} for feature extraction
+    ("captions": all of the image's captions).
 
     A class, not a closure, so that it pickles into DataLoader workers.
     """
@@ -51,7 +52,7 @@ class SampleTransform:
 
     def __call__(self, sample: dict) -> dict:
         out = {"image": self.image_transform(sample["image"])}
-        for name in ("label", "caption"):
+        for name in ("label", "captions"):
             if name in sample:
                 out[name] = sample[name]
         return out
@@ -62,7 +63,7 @@ class FeatureSet:
     features: torch.Tensor  # [N, D] float32, CPU
     labels: torch.Tensor | None  # [N] int64; None when the shards carry no `cls`
     keys: list[str]  # sample keys, sorted
-    captions: list[str] | None  # when the shards carry `txt`
+    captions: list[list[str]] | None  # every image's captions, when the shards carry `txt`
     skipped: int = 0  # unreadable samples and shard reads, over all processes
 
     def __len__(self) -> int:
@@ -82,21 +83,6 @@ class FeatureSet:
         if self.labels is None:
             raise DataError(f"the {what} shards carry no class labels (cls)")
         return self.labels
-
-
-def shards_covering(urls: Sequence[str], samples: int) -> list[str]:
-    """The shortest prefix of `urls` holding at least `samples` samples (per the shard
-    indexes), or all of them when the counts are unknown."""
-    if samples <= 0 or count_samples(urls) is None:
-        return list(urls)
-    low, high = 1, len(urls)  # binary search over prefix lengths; counts are monotone
-    while low < high:
-        middle = (low + high) // 2
-        if count_samples(urls[:middle]) >= samples:
-            high = middle
-        else:
-            low = middle + 1
-    return list(urls[:low])
 
 
 @torch.no_grad()
@@ -151,8 +137,8 @@ def _encode_local_share(
         features.append(encoded.float().cpu())  # [B, D]
         if "label" in batch:
             labels.append(batch["label"])
-        if "caption" in batch:
-            captions.extend(batch["caption"])
+        if "captions" in batch:
+            captions.extend(batch["captions"])
         keys.extend(batch["key"])
         progress.update(len(batch["key"]))
     progress.close()
@@ -301,7 +287,8 @@ def job_features(
 def frozen_features(job: Job, random_init: bool) -> tuple[FeatureSet, FeatureSet, bool]:
     """Train and val features of the job's frozen encoder (labels required), cached."""
     data, source, accelerator = job.config.data, job.source, job.accelerator
-    encoder = source.create(random_init=random_init, seed=0)
+    image_size = data.image_size or source.image_size
+    encoder = source.create(random_init=random_init, seed=0, image_size=image_size)
     set_pooling(encoder, data.pool)
     encoder.to(accelerator.device)
     identity = {
@@ -311,7 +298,6 @@ def frozen_features(job: Job, random_init: bool) -> tuple[FeatureSet, FeatureSet
         "std": list(source.std),
     }
     label = "random-init" if random_init else "pretrained"
-    image_size = data.image_size or source.image_size
     splits, all_cached = [], True
     for split in ("train", "val"):
         features, cached = job_features(

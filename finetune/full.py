@@ -36,6 +36,7 @@ from pretrain.data.transforms import ImageTransform, eval_transform
 from pretrain.distributed import mean_across_processes, sum_across_processes
 from pretrain.errors import ConfigError, DataError
 from pretrain.faults import NonFiniteGuard
+from pretrain.hub import write_hub_layout
 from pretrain.optim import learning_rate, optimizer_phases, scaled_lr
 from pretrain.step import optimizer_step, seed_step
 
@@ -199,8 +200,8 @@ def finetune(job: Job, random_init: bool, report: Report) -> tuple[dict, torch.T
             "or choose another --output"
         )
     model, kwargs = build_classifier(
-        job.source, num_classes, job.config.data.pool, random_init,
-        seed=settings.seed, drop_path_rate=settings.drop_path,
+        job.source, num_classes, job.config.data.pool, random_init, seed=settings.seed,
+        image_size=plan.image_size, drop_path_rate=settings.drop_path,
     )  # fmt: skip
     optimizer = build_optimizer(model, settings, plan.base_lr)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -329,7 +330,8 @@ def _export(job: Job, plan: _Plan, state: dict, kwargs: dict, random_init: bool,
     meta = {
         "task": "classification",
         "num_classes": len(job.class_names),
-        "finetuned_from": str(source.card_path),
+        "label_names": list(job.class_names),
+        "finetuned_from": source.location,
         "random_init": random_init,
         "image_size": plan.image_size,
         "mean": list(source.mean),
@@ -338,6 +340,7 @@ def _export(job: Job, plan: _Plan, state: dict, kwargs: dict, random_init: bool,
     }
     work_dir = job.output_dir / job.result_name(random_init)
     weights, _ = export_encoder(work_dir, state, source.card["timm_name"], kwargs, meta)
+    write_hub_layout(weights.parent, source.card["timm_name"], kwargs, meta)
     return weights
 
 

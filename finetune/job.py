@@ -60,7 +60,7 @@ class Job:
             "objective": card.get("objective"),
             "steps": 0 if random_init else card.get("steps"),
             "random_init": random_init,
-            "encoder": str(self.source.card_path),
+            "encoder": self.source.location,
             "run_dir": str(self.source.run_dir) if self.source.run_dir else None,
             "processes": self.accelerator.num_processes,
             **({} if self.mode in ("zeroshot", "mlm") else {"pool": self.config.data.pool}),

@@ -4,7 +4,8 @@
     --mean over templates, L2-normalise--> class embeddings [C, D]
     images --image tower--> [N, D] --cosine with class embeddings--> scores [N, C]
 
-    caption shards: images [N, D] x captions [N, D] --cosine--> [N, N]: recall@k both ways
+    caption shards: unique images [N, D] x all their captions [T, D] --cosine--> [N, T]:
+    recall@k both ways (an image's hit: any of its captions; a caption's hit: its image)
 
 The core works on tensors and callables, so it runs without a trained CLIP model; `load_clip`
 turns a CLIP run directory into the callables.
@@ -52,27 +53,56 @@ def retrieval_recall(
     text_features: torch.Tensor,
     ks: Sequence[int] = (1, 5),
     text_groups: torch.Tensor | None = None,
+    text_image: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Recall@k for image->text and text->image; row i of each is a matching pair.
+    """Recall@k for image->text and text->image over N unique images and T captions, the
+    standard image-text retrieval protocol (each image with one or several captions).
 
-    image_features [N, D], text_features [N, D]. text_groups [N] (optional): pairs whose
-    captions are the same string share a group id, and retrieving any caption of the group
-    counts as a hit (a caption repeated for several images is not a miss for all but one).
+    image_features [N, D], text_features [T, D]. text_image [T]: the image each caption belongs
+    to (default: caption i is image i's, T == N). An image query is a hit when any of its
+    captions is among the k captions most similar to it; a caption query when its image is
+    among the k most similar images. Recall is the share of hits over the N image queries and
+    the T caption queries. text_groups [T] (optional): captions that are the same string share
+    an id, and such a caption belongs to every image that has it (a class-name caption such as
+    "a photo of a cat." repeated for many images is not a miss for all but one).
     """
     images = F.normalize(image_features.float(), dim=-1)
     texts = F.normalize(text_features.float(), dim=-1)
-    similarity = images @ texts.T  # [N images, N texts]
-    groups = torch.arange(len(images)) if text_groups is None else text_groups.long()
+    owner = torch.arange(len(texts)) if text_image is None else text_image.long()
+    groups = torch.arange(len(texts)) if text_groups is None else text_groups.long()
+    image_groups = _groups_per_image(owner, groups, len(images))  # [N, M], -1 padded
+    similarity = images @ texts.T  # [N images, T texts]
     result = {}
     for k in ks:
-        k_eff = min(k, len(images))
-        retrieved_texts = similarity.topk(k_eff, dim=1).indices  # [N, k]: per image
-        retrieved_images = similarity.T.topk(k_eff, dim=1).indices  # [N, k]: per text
-        image_to_text = (groups[retrieved_texts] == groups[:, None]).any(dim=1)
-        text_to_image = (groups[retrieved_images] == groups[:, None]).any(dim=1)
+        retrieved_texts = similarity.topk(min(k, len(texts)), dim=1).indices  # [N, k]
+        retrieved_images = similarity.T.topk(min(k, len(images)), dim=1).indices  # [T, k]
+        # [N, k, M]: does a retrieved caption's string belong to the querying image?
+        image_to_text = (groups[retrieved_texts][:, :, None] == image_groups[:, None, :]).any(
+            dim=(1, 2)
+        )
+        # [T, k, M]: does a retrieved image own the querying caption's string?
+        text_to_image = (image_groups[retrieved_images] == groups[:, None, None]).any(dim=(1, 2))
         result[f"image_to_text_r{k}"] = image_to_text.sum().item() / len(images)
-        result[f"text_to_image_r{k}"] = text_to_image.sum().item() / len(images)
+        result[f"text_to_image_r{k}"] = text_to_image.sum().item() / len(texts)
     return result
+
+
+def _groups_per_image(owner: torch.Tensor, groups: torch.Tensor, num_images: int) -> torch.Tensor:
+    """[N, M] caption groups of each image (M: the most captions an image has), -1 padded."""
+    counts = torch.bincount(owner, minlength=num_images)  # [N]
+    order = torch.argsort(owner, stable=True)  # captions grouped by image
+    starts = torch.cumsum(counts, 0) - counts  # [N]: first slot of each image in `order`
+    slot = torch.arange(len(owner)) - starts[owner[order]]  # position within its image
+    table = torch.full((num_images, max(1, int(counts.max()))), -1, dtype=torch.long)
+    table[owner[order], slot] = groups[order]
+    return table
+
+
+def flatten_captions(captions: Sequence[Sequence[str]]) -> tuple[list[str], torch.Tensor]:
+    """Every image's captions -> (all T captions, the image index of each [T])."""
+    texts = [text for image_captions in captions for text in image_captions]
+    owners = [image for image, image_captions in enumerate(captions) for _ in image_captions]
+    return texts, torch.tensor(owners, dtype=torch.long)
 
 
 def caption_groups(captions: Sequence[str]) -> torch.Tensor:
@@ -141,13 +171,7 @@ def run_zeroshot(job: Job, random_init: bool) -> dict | None:
         if val.labels is not None and job.class_names:
             result.update(_classify(job, clip, val, report, random_init))
         if val.captions:
-            settings, device = job.config.zeroshot, accelerator.device
-            texts = encode_texts(
-                clip.encode_text, clip.tokenize, val.captions, settings.text_batch_size, device
-            )
-            result.update(
-                retrieval_recall(val.features, texts, text_groups=caption_groups(val.captions))
-            )
+            result.update(_retrieve(job, clip, val))
     if "top1" not in result and "image_to_text_r1" not in result:
         raise DataError(
             "the val shards carry neither class labels with class names (--classes) nor "
@@ -155,6 +179,19 @@ def run_zeroshot(job: Job, random_init: bool) -> dict | None:
         )
     report.finish(result)
     return result
+
+
+def _retrieve(job: Job, clip, val) -> dict:
+    """Image-text recall@1/5 both ways over the unique val images and all their captions."""
+    settings, device = job.config.zeroshot, job.accelerator.device
+    captions, owners = flatten_captions(val.captions)
+    texts = encode_texts(
+        clip.encode_text, clip.tokenize, captions, settings.text_batch_size, device
+    )
+    recall = retrieval_recall(
+        val.features, texts, text_groups=caption_groups(captions), text_image=owners
+    )
+    return {**recall, "val_captions": len(captions)}
 
 
 def _classify(job: Job, clip, val, report, random_init: bool) -> dict:

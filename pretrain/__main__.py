@@ -2,7 +2,8 @@
 
 pretrain [--config FILE] [section.key=value ...]      train; prints one JSON summary line
 pretrain --resume RUN_DIR [section.key=value ...]     continue a run from its last checkpoint
-pretrain shards {imagefolder,captions,demo} ...       write WebDataset shards (see --help)
+pretrain shards {imagefolder,images,imagelist,captions,demo} ...   write WebDataset shards
+pretrain publish RUN_DIR --repo ORG/NAME [--private]  upload the export to the Hugging Face Hub
 
 Rerunning a command with the same train.run_name continues that run from its latest checkpoint.
 
@@ -31,11 +32,16 @@ def main(argv: list[str] | None = None) -> int:
         from pretrain.data.cli import main as shards_main
 
         return shards_main(argv[1:])
+    if argv[:1] == ["publish"]:
+        from pretrain.hub import main as publish_main
+
+        return publish_main(argv[1:])
 
     parser = argparse.ArgumentParser(
         prog="pretrain",
         description="Self-supervised pretraining of a timm encoder on WebDataset shards. "
-        "Use `pretrain shards --help` to write shards.",
+        "Use `pretrain shards --help` to write shards, `pretrain publish --help` to upload an "
+        "export to the Hugging Face Hub.",
         epilog="The same command with the same train.run_name continues that run. Exit status: "
         f"0 done, {EXIT_BAD_INPUT} bad input, {EXIT_DIVERGED} diverged (NaN/Inf losses), "
         f"{EXIT_PREEMPTED} stopped by SIGTERM/SIGUSR1 after a checkpoint (run again).",

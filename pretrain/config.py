@@ -16,6 +16,7 @@ from typing import Literal
 import yaml
 
 from pretrain.errors import ConfigError
+from pretrain.monitor import MonitorConfig
 from pretrain.objectives import OBJECTIVES
 from pretrain.settings import apply_file, apply_overrides, to_dict
 
@@ -140,6 +141,7 @@ Config = make_dataclass(
         _section("schedule", ScheduleConfig),
         _section("train", TrainConfig),
         _section("logging", LoggingConfig),
+        _section("monitor", MonitorConfig),
     ],
 )
 Config.__module__ = __name__

@@ -36,11 +36,12 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from pretrain import sharding
-from pretrain.checkpoint import checkpoint_state, export_encoder, latest_checkpoint, save_checkpoint
+from pretrain.checkpoint import checkpoint_state, latest_checkpoint
 from pretrain.config import Config, to_dict
-from pretrain.data import TrainingStream, demo_shards, expand_shards
+from pretrain.data import TrainingStream, expand_shards, require_fields, use_demo_data_if_unset
 from pretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.distributed import make_accelerator, per_rank
+from pretrain.export import encoder_state, export_run
 from pretrain.faults import (
     NonFiniteGuard,
     NonFiniteLossError,
@@ -51,7 +52,8 @@ from pretrain.faults import (
 from pretrain.grad_cache import GradCache
 from pretrain.models.encoder import EncoderSpec
 from pretrain.models.global_batchnorm import use_global_batchnorm
-from pretrain.objectives import EmbeddingObjective, Exporting, PhasedObjective, get_objective
+from pretrain.monitor import OnlineKnn
+from pretrain.objectives import EmbeddingObjective, PhasedObjective, get_objective
 from pretrain.optim import (
     build_optimizer,
     learning_rate,
@@ -65,6 +67,7 @@ from pretrain.resume import (
     checkpoint_extras,
     own_skip_count,
     restore,
+    save_run_checkpoint,
 )
 from pretrain.rundir import open_run_dir
 from pretrain.step import StepResult, optimizer_step, seed_step
@@ -113,6 +116,7 @@ class _Run:
     skipped_before: int  # this rank's skipped samples before a resume
     guard: NonFiniteGuard
     accumulate: GradCache | None  # how micro-batches make a step (None: each on its own)
+    monitor: OnlineKnn | None = None  # the online kNN evaluation (monitor.every > 0)
 
     @property
     def phased(self) -> bool:
@@ -126,8 +130,12 @@ class _Run:
 def _start(config: Config, resume_dir) -> _Run:
     """Build, prepare and (when resuming) restore everything; nothing is trained yet."""
     objective, spec, sample_transform, accelerator = _build(config)
-    _use_demo_data_if_unset(config, accelerator)
+    use_demo_data_if_unset(config.data, accelerator)
     shards = expand_shards(config.data.train_shards, allow_pipe=config.data.allow_pipe)
+    require_fields(
+        shards, get_objective(config.objective.name).needs, f"objective {config.objective.name}"
+    )
+    monitor = OnlineKnn.start(config, accelerator, shards, objective.encoder)
     run_dir, run_id = open_run_dir(config, accelerator, resume_dir)
     checkpoint = latest_checkpoint(run_dir)  # None for a new run
     layout, layout_change = batch_layout(
@@ -181,7 +189,7 @@ def _start(config: Config, resume_dir) -> _Run:
     guard = NonFiniteGuard(config.train.max_nonfinite_steps, nonfinite_steps)
     return _Run(
         config, accelerator, objective, model, spec, phases, optimizers, run_dir, tracker,
-        stream, layout, base_lr, start_step, skipped_before, guard, accumulate,
+        stream, layout, base_lr, start_step, skipped_before, guard, accumulate, monitor,
     )  # fmt: skip
 
 
@@ -225,6 +233,9 @@ def _loop(run: _Run, stop_signals: StopSignals, started: float):
     progress = tqdm(
         total=total_steps, initial=done, disable=not is_main, desc="pretrain", unit="step"
     )
+    postfix = {}  # the progress bar's: loss, lr and (monitored) knn
+    if run.monitor is not None and run.start_step == 0:
+        _monitor(run, 0, window, progress, postfix)
     run.model.train()
     for step in range(run.start_step, config.train.steps):
         seed_step(config.train.seed, step, rank)
@@ -251,7 +262,10 @@ def _loop(run: _Run, stop_signals: StopSignals, started: float):
 
         if done % config.logging.log_every == 0 or done == total_steps:
             last_metrics = _log_metrics(run, window, lr, result, done)
-            progress.set_postfix(loss=f"{last_metrics['loss']:.4f}", lr=f"{lr:.2e}")
+            postfix.update(loss=f"{last_metrics['loss']:.4f}", lr=f"{lr:.2e}")
+            progress.set_postfix(postfix)
+        if run.monitor is not None and run.monitor.due(done, total_steps):
+            _monitor(run, done, window, progress, postfix)
         image_every = config.logging.image_every
         if image_every and (done % image_every == 0 or done == total_steps):
             _log_pictures(run, micro_batches[-1], done)
@@ -276,6 +290,19 @@ def _forward_and_logging(run: _Run, window: MetricWindow):
         lambda batch, phase: run.model(batch, phase=phase),
         lambda outputs, phase: window.add({**outputs, f"loss_{phase}": outputs["loss"]}, accum),
     )
+
+
+def _monitor(run: _Run, step: int, window: MetricWindow, progress, postfix: dict) -> None:
+    """The online kNN evaluation after `step` steps, onto the progress bar; its time is kept
+    out of the training speed (img_per_s)."""
+    if run.sharded:  # every rank evaluates; a sharded model gathers its parameters first
+        with sharding.whole_parameters(run.model), run.accelerator.autocast():
+            metrics = run.monitor.report(run.objective.encoder, run.tracker, step)
+    else:
+        metrics = run.monitor.report(run.objective.encoder, run.tracker, step)
+    window.started += metrics["knn_s"]
+    postfix["knn"] = f"{metrics['knn_top1']:.3f}"
+    progress.set_postfix(postfix)
 
 
 def _log_metrics(run: _Run, window: MetricWindow, lr: float, result: StepResult, done: int):
@@ -310,30 +337,19 @@ def _log_pictures(run: _Run, batch: dict, done: int) -> None:
 
 
 def _save_checkpoint(run: _Run, done: int) -> None:
-    """Every rank takes part (the skip counts, and a sharded model's full state, are gathered);
-    the main process writes."""
+    """Every rank takes part (skip counts and a sharded model's state are gathered)."""
     accelerator = run.accelerator
     skipped_per_rank = per_rank(accelerator, run.stream.skipped + run.skipped_before)
-    model_state = sharding.model_state(run.objective)
-    optimizer_states = {
-        phase: sharding.optimizer_state(run.objective, optimizer)
-        for phase, optimizer in zip(run.phases, run.optimizers)
+    counts = {
+        "skipped_samples": sum(skipped_per_rank),
+        "skipped_samples_per_rank": skipped_per_rank,
+        "nonfinite_steps": run.guard.total,
+        **checkpoint_extras(run.layout, accelerator),
     }
-    if accelerator.is_main_process:
-        save_checkpoint(
-            run.run_dir,
-            done,
-            model_state,
-            optimizer_states,
-            {
-                "skipped_samples": sum(skipped_per_rank),
-                "skipped_samples_per_rank": skipped_per_rank,
-                "nonfinite_steps": run.guard.total,
-                **checkpoint_extras(run.layout, accelerator),
-            },
-            keep=run.config.train.keep_checkpoints,
-        )
-    accelerator.wait_for_everyone()
+    save_run_checkpoint(
+        accelerator, run.run_dir, done, run.objective, dict(zip(run.phases, run.optimizers)),
+        counts, keep=run.config.train.keep_checkpoints,
+    )  # fmt: skip
 
 
 def _stop(run: _Run, done: int, stopped_by: str) -> dict:
@@ -365,7 +381,9 @@ def _finish(run: _Run, total_steps: int, last_metrics: dict, on_end, started: fl
         "time_limit_reached": total_steps < config.train.steps,
         "run_dir": str(run.run_dir),
     }
-    gathered = sharding.model_state(run.objective) if run.sharded else None  # every rank
+    if run.monitor is not None:
+        summary["knn_top1"] = run.monitor.last
+    state = encoder_state(run.objective)  # every rank (a sharded encoder is gathered)
     if accelerator.is_main_process:
         meta = {
             "objective": config.objective.name,
@@ -375,17 +393,7 @@ def _finish(run: _Run, total_steps: int, last_metrics: dict, on_end, started: fl
             "std": list(IMAGENET_STD),
             "run_dir": str(run.run_dir),
         }
-        encoder_state = (
-            run.objective.encoder.state_dict()
-            if gathered is None
-            else sharding.submodule_state(gathered, "encoder")
-        )
-        if isinstance(run.objective, Exporting):  # not a timm image encoder (mlm: text)
-            weights = run.objective.export(run.run_dir, meta, encoder_state)
-        else:
-            weights, _ = export_encoder(
-                run.run_dir, encoder_state, run.spec.name, run.spec.kwargs, meta
-            )
+        weights = export_run(run.run_dir, run.objective, run.spec, state, meta)
         summary["export"] = str(weights)
         summary["wall_s"] = round(time.perf_counter() - started, 1)
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -395,18 +403,6 @@ def _finish(run: _Run, total_steps: int, last_metrics: dict, on_end, started: fl
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def _use_demo_data_if_unset(config: Config, accelerator) -> None:
-    """Empty data.train_shards means the embedded demo set: generate it once, point at it."""
-    data = config.data
-    if data.train_shards:
-        return
-    demo = demo_shards(
-        accelerator, data.demo_dir, data.demo_train_samples, data.demo_val_samples, data.image_size
-    )
-    data.train_shards = demo["train"]
-    data.val_shards = data.val_shards or demo["val"]
 
 
 def _to_device(batch: dict, device) -> dict:

@@ -23,7 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain.checkpoint import load_checkpoint
+from pretrain import sharding
+from pretrain.checkpoint import load_checkpoint, save_checkpoint
 from pretrain.errors import ConfigError
 from pretrain.sharding import load_state
 
@@ -82,6 +83,22 @@ def checkpoint_extras(layout: BatchLayout, accelerator) -> dict:
     if accelerator.scaler is not None:  # plain numbers: scale, growth tracker, factors
         extras["grad_scaler"] = accelerator.scaler.state_dict()
     return extras
+
+
+def save_run_checkpoint(
+    accelerator, run_dir: Path, step: int, objective, optimizers: dict, counts: dict, keep: int
+) -> None:
+    """The run's checkpoint after `step`: every rank calls (a sharded model's and its
+    optimizers' full state is gathered), the main process writes; optimizers: {phase: optimizer}.
+    counts: the skip and non-finite counts and the batch layout (checkpoint_extras)."""
+    model_state = sharding.model_state(objective)
+    optimizer_states = {
+        phase: sharding.optimizer_state(objective, optimizer)
+        for phase, optimizer in optimizers.items()
+    }
+    if accelerator.is_main_process:
+        save_checkpoint(run_dir, step, model_state, optimizer_states, counts, keep=keep)
+    accelerator.wait_for_everyone()
 
 
 def restore(checkpoint: Path, accelerator, objective, optimizers, phases: dict) -> dict:

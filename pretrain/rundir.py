@@ -21,8 +21,8 @@ from pretrain.config import Config, save_config, to_dict
 from pretrain.distributed import broadcast_from_main
 from pretrain.errors import ConfigError
 
-# What a continued run may change: how long it runs, how often it saves, what it logs, whether
-# it is sharded (checkpoints have one layout).
+# What a continued run may change: how long it runs, how often it saves, what it logs and
+# monitors, whether it is sharded (checkpoints have one layout).
 CHANGEABLE_ON_RESUME = (
     "train.steps",
     "train.checkpoint_every",
@@ -32,6 +32,7 @@ CHANGEABLE_ON_RESUME = (
     "train.compile",
     "train.fsdp",
     "logging.",
+    "monitor.",
 )
 
 

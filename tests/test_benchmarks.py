@@ -19,6 +19,7 @@ from benchmarks import (
     loader,
     mae_peer,
     mae_visible,
+    monitor,
     probe,
     speedups,
     step,
@@ -194,3 +195,13 @@ def test_fsdp_memory_halves_what_each_process_holds(capsys):
     total = unsharded["parameters"] + unsharded["optimizer"]
     for held in result["cases"]["2"]:
         assert 0.45 < (held["parameters"] + held["optimizer"]) / total < 0.55
+
+
+def test_monitor_times_the_knn_evaluation_against_the_step(capsys):
+    result = run(capsys, monitor.main, "--tiny", "--rounds", "2", "--steps", "1")
+    assert result["benchmark"] == "monitor" and result["subset_samples"] == 32
+    assert result["step_s_median"] > 0 and result["knn_s_median"] > 0
+    expected = result["knn_s_median"] / (result["monitor_every"] * result["step_s_median"])
+    assert result["share_of_step_time"] == pytest.approx(expected)
+    steps, every = result["train_steps"], result["monitor_every"]
+    assert result["evaluations_per_run"] == 1 + steps // every + (1 if steps % every else 0)

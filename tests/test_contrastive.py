@@ -12,8 +12,14 @@ from PIL import Image
 
 from pretrain.__main__ import main as pretrain_main
 from pretrain.config import ConfigError, load_config
-from pretrain.data import collate, ensure_demo_data, eval_loader, train_loader
-from pretrain.data.sources import write_captions, write_imagefolder
+from pretrain.data import (
+    collate,
+    ensure_demo_data,
+    eval_loader,
+    train_loader,
+    write_captions,
+    write_imagefolder,
+)
 from pretrain.data.view_params import VIEW_PARAMS
 from pretrain.objectives import build_objective
 from pretrain.objectives.simclr import simclr_train_transform

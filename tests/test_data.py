@@ -160,7 +160,12 @@ def test_failed_write_leaves_no_index_and_no_shards(tmp_path):
 
     with pytest.raises(RuntimeError, match="source broke"):
         write_shards(samples(), tmp_path / "out", progress=False)
-    assert os.listdir(tmp_path / "out") == []
+    assert not (tmp_path / "out").exists()  # the folder it made goes too
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    with pytest.raises(RuntimeError, match="source broke"):
+        write_shards(samples(), tmp_path / "mine", progress=False)
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
 
 
 def test_captions_csv_and_json_round_trip(tmp_path):

@@ -8,6 +8,7 @@ Every fenced bash block is read command by command (continuation lines joined, c
         FILE exists and pretrain.config.load_config(FILE, overrides) accepts it; with
         --resume RUN_DIR the overrides' keys are checked against load_config(None, overrides)
     pretrain shards ... / python -m pretrain.data.cli ...: the shards parser accepts it
+    pretrain publish ...: the publish parser accepts it
     finetune MODE ...: finetune's parser accepts it, its --config file exists and
         load_finetune_config accepts the file with the overrides
     accelerate launch / torchrun: their own parsers accept the launcher options
@@ -211,6 +212,11 @@ def check_pretrain(args: list[str]) -> None:
             _parse_quietly(_parser(), args[1:])
         except Exception as error:  # the shards parser raises DataError for usage mistakes
             raise AssertionError(f"pretrain shards rejects {args[1:]}: {error}") from None
+        return
+    if args[:1] == ["publish"]:
+        from pretrain.hub import parser
+
+        _parse_quietly(parser(), args[1:])
         return
     config, resume, overrides = None, None, []
     tokens = iter(args)

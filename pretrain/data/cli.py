@@ -1,7 +1,9 @@
 """`pretrain shards ...`: write WebDataset shards from the command line.
 
-    pretrain shards imagefolder SRC OUT [--prefix train] [--max-count N] ...
-    pretrain shards captions LIST OUT [--prefix train] ...
+    pretrain shards imagefolder SRC OUT [--prefix train] [--max-count N] ...   SRC/<class>/...
+    pretrain shards images SRC OUT [--max-images N] ...        any folder tree, no labels
+    pretrain shards imagelist LIST OUT [--max-images N] ...    a file of image paths, no labels
+    pretrain shards captions LIST OUT [--prefix train] ...     CSV/JSON, one row per caption
     pretrain shards demo OUT [--train N] [--val N] [--size 32] [--seed 0]
 
 (`python -m pretrain.data.cli ...` is the same.) Every failure prints one `error:` line and
@@ -12,8 +14,10 @@ import argparse
 import os
 import sys
 
+from pretrain.data.captions import write_captions
 from pretrain.data.demo import write_demo
-from pretrain.data.sources import write_captions, write_imagefolder
+from pretrain.data.sources import write_imagefolder
+from pretrain.data.unlabelled import write_image_list, write_images
 from pretrain.errors import DataError
 
 
@@ -36,6 +40,15 @@ def _add_shard_options(command: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_max_images(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--max-images",
+        type=int,
+        default=None,
+        help="use at most N images (the first of the seeded order)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pretrain shards", description="Write WebDataset shards for pretraining.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -50,7 +63,21 @@ def _parser() -> argparse.ArgumentParser:
         help='also write a caption per image from its class name, e.g. "a photo of a {}."',
     )
 
-    captions = commands.add_parser("captions", help="CSV/JSON image-caption list -> shards")
+    images = commands.add_parser("images", help="a folder of images, any layout, no labels")
+    images.add_argument("src")
+    images.add_argument("out")
+    _add_shard_options(images)
+    _add_max_images(images)
+
+    imagelist = commands.add_parser("imagelist", help="a file of image paths, one a line")
+    imagelist.add_argument("list_file")
+    imagelist.add_argument("out")
+    _add_shard_options(imagelist)
+    _add_max_images(imagelist)
+
+    captions = commands.add_parser(
+        "captions", help="CSV/JSON image-caption list (one row per caption) -> shards"
+    )
     captions.add_argument("list_file")
     captions.add_argument("out")
     _add_shard_options(captions)
@@ -91,13 +118,20 @@ def main(argv: list[str] | None = None) -> int:
             index = write_imagefolder(
                 args.src, args.out, caption_template=args.caption_template, **options
             )
+        elif args.command == "images":
+            index = write_images(args.src, args.out, max_images=args.max_images, **options)
+        elif args.command == "imagelist":
+            index = write_image_list(
+                args.list_file, args.out, max_images=args.max_images, **options
+            )
         else:
             index = write_captions(args.list_file, args.out, **options)
     except (DataError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    captions = f" with {index['num_captions']} captions" if "num_captions" in index else ""
     print(
-        f"wrote {index['num_samples']} samples in {len(index['shards'])} shards: "
+        f"wrote {index['num_samples']} samples{captions} in {len(index['shards'])} shards: "
         f"{os.path.join(args.out, index['pattern'])} (skipped {index['skipped']})"
     )
     return 0

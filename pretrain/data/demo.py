@@ -280,6 +280,18 @@ def demo_shards(
         )
 
 
+def use_demo_data_if_unset(data, accelerator) -> None:
+    """A pretraining DataConfig `data` with no train_shards gets the embedded demo set's: written
+    once (main process), then data.train_shards (and an unset data.val_shards) point at it."""
+    if data.train_shards:
+        return
+    demo = demo_shards(
+        accelerator, data.demo_dir, data.demo_train_samples, data.demo_val_samples, data.image_size
+    )
+    data.train_shards = demo["train"]
+    data.val_shards = data.val_shards or demo["val"]
+
+
 def _is_complete(folder: Path, parameters: dict) -> bool:
     try:
         stored = json.loads((folder / PARAMETERS_FILE).read_text())

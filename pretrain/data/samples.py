@@ -14,14 +14,15 @@ or resumed before it.
 
 import contextlib
 import io
+import json
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from pretrain.errors import DataError
 
@@ -30,6 +31,10 @@ logger = logging.getLogger(__name__)
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm")
 POSITION = "__position__"  # a training sample's index in its stream; seeds its transform
 LOGGED_ERRORS_PER_WORKER = 3
+
+
+class UnreadableSample(ValueError):
+    """A sample that cannot be used; the message names its shard and key."""
 
 
 class SkipCounter:
@@ -44,7 +49,8 @@ class SkipCounter:
         self.total += 1
         self.in_a_row += 1
         if self.total <= LOGGED_ERRORS_PER_WORKER:
-            logger.warning(f"skipped unreadable data: {type(error).__name__}: {str(error)[:300]}")
+            what = "" if isinstance(error, UnreadableSample) else f"{type(error).__name__}: "
+            logger.warning(f"skipped unreadable data: {what}{str(error)[:300]}")
         if self.max_in_a_row is not None and self.in_a_row > self.max_in_a_row:
             raise DataError(f"{self.in_a_row} unreadable samples in a row; last: {error}")
         return True
@@ -80,32 +86,72 @@ def read_shard(url: str, counter: SkipCounter) -> Iterator[dict]:
         yield held
 
 
+def peek_fields(urls: list[str]) -> set[str] | None:
+    """The fields of the first readable sample of these shards ({"jpg", "cls", "txt"}), read
+    without decoding it; None when no shard yields one. A cheap look before a long pass (does
+    this set carry labels?): shards of one set hold the same fields."""
+    for url in urls:
+        for raw in read_shard(url, SkipCounter()):
+            return {name for name in raw if not name.startswith("__")}
+    return None
+
+
+def require_fields(urls: list[str], needs: Sequence[str], user: str) -> None:
+    """One line before a long pass when the shards' first sample lacks a field `user` (e.g.
+    "objective clip") needs in every sample, instead of every sample being skipped."""
+    fields = peek_fields(urls) if needs else None
+    missing = [name for name in needs if fields is not None and name not in fields]
+    if missing:
+        raise DataError(
+            f"{user} needs {', '.join(missing)} in every sample, and the shards ({urls[0]} ...) "
+            f"have none (their fields: {', '.join(sorted(fields))})"
+        )
+
+
 def decode_sample(raw: dict) -> dict:
-    """Raw sample -> {"image": PIL RGB image, "key": str, "label": int?, "caption": str?}."""
+    """Raw sample -> {"image": PIL RGB image, "key": str, "label": int?, "caption": str?,
+    "captions": list[str]?}.
+
+    `captions` holds every caption of the image (a `json` field's {"captions": [...]}, else the
+    one `txt`), `caption` the first. Other fields (img2dataset's `json` metadata, ...) are left
+    alone. A sample that cannot be decoded raises UnreadableSample naming its shard and key.
+    """
+    key, url = raw.get("__key__"), raw.get("__url__", "?")
     field = next((name for name in IMAGE_FIELDS if name in raw), None)
     if field is None:
         fields = sorted(name for name in raw if not name.startswith("__"))
-        raise ValueError(f"sample {raw.get('__key__')} has no image field (has {fields})")
-    with Image.open(io.BytesIO(raw[field])) as encoded:
-        image = encoded.convert("RGB")  # decodes every pixel: a truncated file fails here
-    sample = {"image": image, "key": raw["__key__"]}
+        raise UnreadableSample(f"{url}: sample {key} has no image field (has {fields})")
+    try:
+        with Image.open(io.BytesIO(raw[field])) as encoded:
+            image = encoded.convert("RGB")  # decodes every pixel: a truncated file fails here
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        # Pillow names the in-memory buffer (<_io.BytesIO object at 0x...>), not the sample.
+        reason = (
+            "not an image format Pillow reads"
+            if isinstance(error, UnidentifiedImageError)
+            else str(error)
+        )
+        raise UnreadableSample(f"{url}: sample {key}: {field} image: {reason}") from None
+    sample = {"image": image, "key": key}
     if "cls" in raw:
         sample["label"] = int(raw["cls"])
-    if "txt" in raw:
-        sample["caption"] = raw["txt"].decode("utf-8")
+    captions = _captions(raw)
+    if captions:
+        sample["caption"], sample["captions"] = captions[0], captions
     if POSITION in raw:
         sample[POSITION] = raw[POSITION]
     return sample
 
 
 def decode_caption_sample(raw: dict) -> dict:
-    """Raw sample -> {"key": str, "label": int?, "caption": str?}: the image bytes stay undecoded
-    (text-only transforms, e.g. masked language modelling)."""
+    """Raw sample -> {"key": str, "label": int?, "caption": str?, "captions": list[str]?}: the
+    image bytes stay undecoded (text-only transforms, e.g. masked language modelling)."""
     sample = {"key": raw["__key__"]}
     if "cls" in raw:
         sample["label"] = int(raw["cls"])
-    if "txt" in raw:
-        sample["caption"] = raw["txt"].decode("utf-8")
+    captions = _captions(raw)
+    if captions:
+        sample["caption"], sample["captions"] = captions[0], captions
     if POSITION in raw:
         sample[POSITION] = raw[POSITION]
     return sample
@@ -114,6 +160,22 @@ def decode_caption_sample(raw: dict) -> dict:
 def decoder_for(transform: Callable) -> Callable[[dict], dict]:
     """decode_sample, or decode_caption_sample for a transform that sets needs_image = False."""
     return decode_sample if getattr(transform, "needs_image", True) else decode_caption_sample
+
+
+def _captions(raw: dict) -> list[str] | None:
+    """All captions of a raw sample: `json` {"captions": [...]} (written for images with several
+    captions), else the `txt` caption, else None."""
+    metadata = raw.get("json")
+    if metadata is not None and b'"captions"' in metadata:  # parse only what may hold them
+        try:
+            listed = json.loads(metadata).get("captions")
+        except (ValueError, AttributeError):
+            listed = None
+        if isinstance(listed, list) and listed and all(isinstance(t, str) for t in listed):
+            return listed
+    if "txt" in raw:
+        return [raw["txt"].decode("utf-8")]
+    return None
 
 
 def mix_seeds(*numbers: int) -> int:

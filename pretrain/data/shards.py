@@ -140,6 +140,21 @@ def count_samples(urls: Sequence[str]) -> int | None:
     return sum(counts[url] for url in urls)
 
 
+def shards_covering(urls: Sequence[str], samples: int) -> list[str]:
+    """The shortest prefix of `urls` holding at least `samples` samples (per the shard
+    indexes), or all of them when the counts are unknown."""
+    if samples <= 0 or count_samples(urls) is None:
+        return list(urls)
+    low, high = 1, len(urls)  # binary search over prefix lengths; counts are monotone
+    while low < high:
+        middle = (low + high) // 2
+        if count_samples(urls[:middle]) >= samples:
+            high = middle
+        else:
+            low = middle + 1
+    return list(urls[:low])
+
+
 def shard_urls(shards: str | os.PathLike | Sequence[str], allow_pipe: bool) -> list[str]:
     """A spec string or Path is expanded and checked by expand_shards; a list (what
     expand_shards returned) is used as it is, so a shard that disappears mid-run is skipped

@@ -2,7 +2,8 @@
 
 Every transform the loaders run lives here; each objective's file only picks one and its
 settings (its `train_transform` factory). The reader hands each transform {"image": PIL RGB
-image, "key": str, "label": int (if labelled), "caption": str (if captioned)} and batches
+image, "key": str, "label": int (if labelled), "caption": str and "captions": list[str] (if
+captioned: the first, and all of the image's captions)} and batches
 whatever comes back; it keeps "key" even when a transform drops it. A transform may define
 `finish_batch(batch)` for work done once per collated batch (normalizing uint8 crops), and
 `needs_image = False` when it reads the caption only: the reader then skips decoding the image
@@ -12,6 +13,7 @@ Random transforms draw from the global torch RNG; the reader seeds it per sample
 (seed, epoch, rank, position) always gives the same crop.
 """
 
+import random
 import zlib
 from collections.abc import Callable, Sequence
 
@@ -250,8 +252,11 @@ class SimCLRViews:
 
 
 class ImageText:
-    """CLIP sample transform: the image, and the caption as token ids [T] (int64).
+    """CLIP sample transform: the image, and one of its captions as token ids [T] (int64).
 
+    An image with several captions gets one drawn per sample, from python's RNG after the
+    image's crop (the reader seeds both per sample, so a resumed run draws the same captions);
+    an image with one caption draws nothing, which keeps single-caption runs as they were.
     Samples without a caption (plain ImageFolder shards) fail loudly rather than training on
     empty text: shard them with a caption template (`pretrain shards imagefolder
     --caption-template "a photo of a {}."`).
@@ -262,12 +267,14 @@ class ImageText:
         self.tokenizer = tokenizer
 
     def __call__(self, sample: dict) -> dict:
-        if "caption" not in sample:
+        captions = sample.get("captions") or [
+            sample[name] for name in ("caption",) if name in sample
+        ]
+        if not captions:
             raise ValueError(f"sample {sample.get('key')} has no caption (txt); CLIP needs one")
-        out = {
-            "image": self.image_transform(sample["image"]),  # [3, H, W]
-            "text": self.tokenizer([sample["caption"]])[0],  # [T] token ids, zero padded
-        }
+        image = self.image_transform(sample["image"])  # [3, H, W]
+        caption = captions[0] if len(captions) == 1 else captions[random.randrange(len(captions))]
+        out = {"image": image, "text": self.tokenizer([caption])[0]}  # [T] ids, zero padded
         if "label" in sample:
             out["label"] = sample["label"]
         return out

@@ -7,10 +7,12 @@ A shard set is `OUT/{prefix}-000000.tar, ...` and `OUT/{prefix}-index.json`:
      "pattern": "train-{000000..000002}.tar"}
 
 Each sample in a shard holds `KEY.jpg` or `KEY.png` (the source file's bytes, not re-encoded),
-`KEY.cls` (class index as ASCII digits) when labelled and `KEY.txt` (UTF-8) when captioned.
-The index is written last, through a temporary file and os.replace, so a directory with an index
-holds a complete shard set; a failed run removes its partial shards. The sources (image folders,
-caption lists) are in sources.py, the demo set in demo.py, the command line in cli.py.
+`KEY.cls` (class index as ASCII digits) when labelled, `KEY.txt` (UTF-8) when captioned, and
+`KEY.json` ({"captions": [...]}) when an image has several captions. The index is written last,
+through a temporary file and os.replace, so a directory with an index holds a complete shard
+set; a failed run removes its partial shards (and the folder, when it made it). The sources are
+in sources.py (ImageFolder trees), unlabelled.py (plain folders, path lists) and captions.py
+(caption lists), the demo set in demo.py, the command line in cli.py.
 """
 
 import json
@@ -51,12 +53,14 @@ def write_shards(
     """Write `samples` into `out_dir/{prefix}-%06d.tar` and `out_dir/{prefix}-index.json`.
 
     Each sample is a dict: `__key__` (str without dots), one of `jpg`/`png` (encoded bytes),
-    optionally `cls` (int) and `txt` (str). A shard is closed once it holds `max_count` samples
-    or `max_size` bytes. `total` only sizes the progress bar. Returns the index dict.
+    optionally `cls` (int), `txt` (str) and `json` (a JSON-serialisable dict). A shard is closed
+    once it holds `max_count` samples or `max_size` bytes. `total` only sizes the progress bar.
+    Returns the index dict.
     """
     if max_count < 1 or max_size < 1:
         raise DataError(f"max_count and max_size must be positive, got {max_count}, {max_size}")
     out_dir = Path(out_dir)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear_previous_shards(out_dir, prefix, overwrite)
 
@@ -74,26 +78,31 @@ def write_shards(
         verbose=0,
         mtime=FIXED_MTIME,
     )
+    bar = tqdm(
+        total=total,
+        desc=f"writing {prefix}",
+        unit="img",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     try:
-        bar = tqdm(
-            samples,
-            total=total,
-            desc=f"writing {prefix}",
-            unit="img",
-            file=sys.stderr,
-            disable=not progress,
-            dynamic_ncols=True,
-        )
-        for sample in bar:
+        for sample in samples:  # (iterating the bar itself would close it, leaving its line)
             writer.write(_encode_sample(sample))
+            bar.update(1)
         writer.close()
         if sum(shard["count"] for shard in written) == 0:
             raise DataError(f"no samples to write into {out_dir} (every input was skipped)")
+        bar.close()
     except BaseException:
+        bar.leave = False  # the error line stands alone
+        bar.close()
         # Leave nothing half-written behind: no index, no partial shards.
         if getattr(writer, "tarstream", None) is not None:
             writer.tarstream.close()
         _remove_shards(out_dir, prefix)
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
         raise
 
     index = {
@@ -120,6 +129,8 @@ def _encode_sample(sample: dict) -> dict:
         encoded["cls"] = str(int(sample["cls"])).encode("ascii")
     if "txt" in sample:
         encoded["txt"] = str(sample["txt"]).encode("utf-8")
+    if "json" in sample:
+        encoded["json"] = json.dumps(sample["json"], ensure_ascii=False).encode("utf-8")
     return encoded
 
 

@@ -141,7 +141,9 @@ def clip_train_transform(config: Config) -> ImageText:
     )
 
 
-@register_objective("clip", train_transform=clip_train_transform, section=CLIPConfig)
+@register_objective(
+    "clip", train_transform=clip_train_transform, section=CLIPConfig, needs=("txt",)
+)
 def build_clip(config: Config):
     encoder, spec = encoder_from_config(config)
     return CLIP(encoder, config.clip), spec

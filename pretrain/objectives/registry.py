@@ -91,13 +91,20 @@ class ObjectiveEntry:
     build: Callable[[Config], tuple[Objective, EncoderSpec | TextEncoderSpec]]
     train_transform: Callable[[Config], Callable[[dict], dict]]  # Config -> sample transform
     section: type | None = None  # the objective's config dataclass (YAML section `name`)
+    # Shard fields every sample needs besides its image, e.g. ("txt",): checked on the first
+    # sample before a run starts, so unsuitable shards stop in one line instead of being
+    # skipped sample by sample.
+    needs: tuple[str, ...] = ()
 
 
 OBJECTIVES: dict[str, ObjectiveEntry] = {}
 
 
 def register_objective(
-    name: str, train_transform: Callable[[Config], Callable], section: type | None = None
+    name: str,
+    train_transform: Callable[[Config], Callable],
+    section: type | None = None,
+    needs: tuple[str, ...] = (),
 ) -> Callable:
     """Decorates the objective's build function, `Config -> (module, spec)`: the spec rebuilds
     the exported part (EncoderSpec for a timm image encoder) and names it in the log line."""
@@ -105,7 +112,7 @@ def register_objective(
     def register(build: Callable) -> Callable:
         if name in OBJECTIVES:
             raise ValueError(f"objective '{name}' is registered twice")
-        OBJECTIVES[name] = ObjectiveEntry(name, build, train_transform, section)
+        OBJECTIVES[name] = ObjectiveEntry(name, build, train_transform, section, tuple(needs))
         return build
 
     return register
