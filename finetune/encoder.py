@@ -261,9 +261,13 @@ def weights_fingerprint(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def load_run_objective(run_dir: Path, name: str, random_init: bool, seed: int | None = None):
+def load_run_objective(
+    run_dir: Path, name: str, random_init: bool, seed: int | None = None, needed_by: str = "this"
+):
     """(objective, run config): the `name` objective of a pretraining run directory in eval mode,
-    with its last checkpoint loaded, or freshly initialised with the run's seed (the baseline)."""
+    with its last checkpoint loaded, or freshly initialised with the run's seed (the baseline).
+    A CLIP run's warm start (clip.text_init) is not applied: the checkpoint holds its weights,
+    and the baseline stays random."""
     from pretrain.checkpoint import latest_checkpoint, load_checkpoint
     from pretrain.config import load_config
     from pretrain.objectives import build_objective
@@ -271,9 +275,11 @@ def load_run_objective(run_dir: Path, name: str, random_init: bool, seed: int | 
     config = load_config(Path(run_dir) / "config.yaml")
     if config.objective.name != name:
         raise ConfigError(
-            f"this needs an {name} run (objective.name: {name}); {run_dir} was trained with "
-            f"'{config.objective.name}'"
+            f"{needed_by} needs a run of the {name} objective (objective.name: {name}); "
+            f"{run_dir} was trained with '{config.objective.name}'"
         )
+    if name == "clip":
+        config.clip.text_init = ""
     torch.manual_seed(config.train.seed if seed is None else seed)
     objective, _ = build_objective(config)
     if not random_init:

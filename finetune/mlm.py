@@ -60,7 +60,9 @@ def masked_token_counts(model, loader, accelerator, progress) -> tuple[torch.Ten
 def run_mlm(job: Job, random_init: bool) -> dict | None:
     """`finetune mlm`: the result (main process)."""
     data, settings, accelerator = job.config.data, job.config.mlm, job.accelerator
-    model, run_config = load_run_objective(job.source.run_dir, "mlm", random_init)
+    model, run_config = load_run_objective(
+        job.source.run_dir, "mlm", random_init, needed_by="finetune mlm"
+    )
     model.to(accelerator.device)
     masking = evaluation_masking(run_config.mlm, settings.corruption)
     transform = MaskedCaption(model.tokenizer, masking, key_seed=settings.seed)

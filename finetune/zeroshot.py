@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from finetune.encoder import weights_fingerprint
+from finetune.encoder import load_run_objective, weights_fingerprint
 from finetune.features import job_features
 from finetune.job import Job
 from finetune.metrics import topk_accuracy
@@ -129,29 +129,12 @@ def encode_texts(
 
 def load_clip(run_dir: Path, random_init: bool, seed: int | None = None):
     """The CLIP objective of a run directory, in eval mode, with its last checkpoint loaded
-    (or freshly initialised, for the baseline). Needs objective.name == "clip"."""
-    from pretrain.checkpoint import latest_checkpoint, load_checkpoint
-    from pretrain.config import load_config
-    from pretrain.objectives import build_objective
-
-    config = load_config(Path(run_dir) / "config.yaml")
-    if config.objective.name != "clip":
-        raise ConfigError(
-            f"zeroshot needs a CLIP run (objective.name: clip); {run_dir} was trained with "
-            f"'{config.objective.name}'"
-        )
-    config.clip.text_init = ""  # a warm start's weights are in the checkpoint; a baseline is random
-    torch.manual_seed(config.train.seed if seed is None else seed)
-    objective, _ = build_objective(config)
-    if not random_init:
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise ConfigError(f"{run_dir} holds no checkpoint to load")
-        objective.load_state_dict(load_checkpoint(checkpoint)[0])
+    (or freshly initialised, for the baseline)."""
+    objective, config = load_run_objective(run_dir, "clip", random_init, seed, "zeroshot")
     for name in ("encode_image", "encode_text", "tokenize"):
         if not callable(getattr(objective, name, None)):
             raise ConfigError(f"the clip objective has no {name}(); zeroshot cannot use it")
-    return objective.eval(), config
+    return objective, config
 
 
 def run_zeroshot(job: Job, random_init: bool) -> dict | None:

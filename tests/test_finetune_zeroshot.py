@@ -121,4 +121,4 @@ def test_zeroshot_refuses_a_run_that_is_not_clip(tiny_run, tmp_path, capsys):
     capsys.readouterr()
     code = finetune_main(["zeroshot", "--encoder", str(tmp_path / "runs" / "mae"), "--no-wandb"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "needs a CLIP run" in err[0]
+    assert code == 2 and len(err) == 1 and "zeroshot needs a run of the clip objective" in err[0]

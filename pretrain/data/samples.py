@@ -132,15 +132,7 @@ def decode_sample(raw: dict) -> dict:
             else str(error)
         )
         raise UnreadableSample(f"{url}: sample {key}: {field} image: {reason}") from None
-    sample = {"image": image, "key": key}
-    if "cls" in raw:
-        sample["label"] = int(raw["cls"])
-    captions = _captions(raw)
-    if captions:
-        sample["caption"], sample["captions"] = captions[0], captions
-    if POSITION in raw:
-        sample[POSITION] = raw[POSITION]
-    return sample
+    return {"image": image, **decode_caption_sample(raw)}
 
 
 def decode_caption_sample(raw: dict) -> dict:
