@@ -35,7 +35,7 @@ HELP = {
     "full": "finetune encoder + new head (layer decay, drop path, mixup/cutmix)",
     "zeroshot": "CLIP zero-shot classification and image-text retrieval",
 }
-BASELINE_KEYS = ("top1", "top5", "image_to_text_r1", "text_to_image_r1")
+BASELINE_KEYS = ("top1", "top5", "image_to_text_r1", "text_to_image_r1", "linear_probe_top1")
 
 
 def build_parser() -> argparse.ArgumentParser:
