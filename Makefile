@@ -16,10 +16,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-# MAE pretraining on the embedded demo data, then a linear probe against a random-init encoder.
+# MAE pretraining on the embedded demo data (no labels), then a linear probe of the encoder's
+# class token (MAE's probe) beside the same probe of a random-init encoder.
 demo: install
 	$(BIN)/pretrain --config configs/pretrain/demo_mae.yaml train.run_name=$(DEMO_RUN)
-	$(BIN)/finetune linear --encoder runs/$(DEMO_RUN) --compare-random-init --train-samples 5000 --epochs 50
+	$(BIN)/finetune linear --encoder runs/$(DEMO_RUN) --config configs/finetune/demo.yaml --pool cls --compare-random-init
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -42,7 +42,14 @@ HELP = {
     "zeroshot": "CLIP zero-shot classification and image-text retrieval",
     "mlm": "masked-token accuracy of a masked-language (mlm) run on held-out captions",
 }
-BASELINE_KEYS = ("top1", "top5", "image_to_text_r1", "text_to_image_r1", "perplexity")
+BASELINE_KEYS = (
+    "top1",
+    "top5",
+    "image_to_text_r1",
+    "text_to_image_r1",
+    "perplexity",
+    "linear_probe_top1",
+)
 RUN_DIR_MODES = ("zeroshot", "mlm")  # they load the whole model from the run's last checkpoint
 
 

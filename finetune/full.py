@@ -28,6 +28,7 @@ from tqdm import tqdm
 from finetune.config import DataConfig, FullConfig
 from finetune.encoder import build_classifier
 from finetune.features import SampleTransform, shards_covering
+from finetune.guards import cached_linear_probe, chance_level_warning
 from finetune.job import Job
 from finetune.report import Report
 from pretrain.checkpoint import export_encoder, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -225,6 +226,8 @@ def finetune(job: Job, random_init: bool, report: Report) -> tuple[dict, torch.T
         report.log(metrics, step=(epoch + 1) * plan.steps_per_epoch)
         if accelerator.is_main_process:
             print(_metrics_line(metrics), file=sys.stderr, flush=True)
+            if epoch == 0 and (warning := _first_epoch_warning(job, plan, history)):
+                print(warning, file=sys.stderr, flush=True)
             save_checkpoint(
                 work_dir,
                 (epoch + 1) * plan.steps_per_epoch,
@@ -247,6 +250,7 @@ def finetune(job: Job, random_init: bool, report: Report) -> tuple[dict, torch.T
         "train_samples": plan.train_samples,
         "val_samples": int(confusion.sum()),
         "history": history,
+        "warnings": [line for line in [_first_epoch_warning(job, plan, history)] if line],
     }
     if accelerator.is_main_process:
         state = accelerator.unwrap_model(model).state_dict()
@@ -257,7 +261,9 @@ def finetune(job: Job, random_init: bool, report: Report) -> tuple[dict, torch.T
 
 
 def _train_epoch(job, plan, model, optimizer, criterion, guard, epoch: int) -> dict:
-    """One epoch of optimizer steps; {"epoch", "train_loss", "lr", "img_per_s"}."""
+    """One epoch of optimizer steps; {"epoch", "train_loss", "train_loss_end", "lr",
+    "img_per_s"}: the mean training loss of the epoch, and of its last quarter (where the epoch
+    left the model; the chance-level check reads it)."""
     settings, accelerator = job.config.full, job.accelerator
     accum, rank = settings.grad_accum, accelerator.process_index
     loader = train_loader(
@@ -275,11 +281,11 @@ def _train_epoch(job, plan, model, optimizer, criterion, guard, epoch: int) -> d
     is_main = accelerator.is_main_process
     batches = iter(tqdm(loader, desc=f"epoch {epoch + 1}", disable=not is_main, leave=False))
     phases = optimizer_phases(accelerator.unwrap_model(model))
-    losses = torch.zeros((), device=accelerator.device)
+    losses = torch.zeros(plan.steps_per_epoch, device=accelerator.device)  # [steps], per step
+    tail = slice(plan.steps_per_epoch - max(1, plan.steps_per_epoch // 4), None)
 
     def add_loss(outputs: dict, phase: str) -> None:
-        nonlocal losses
-        losses += outputs["loss"].detach().float() / accum
+        losses[step_in_epoch] += outputs["loss"].detach().float() / accum
 
     started = time.perf_counter()
     for step_in_epoch in range(plan.steps_per_epoch):
@@ -293,12 +299,22 @@ def _train_epoch(job, plan, model, optimizer, criterion, guard, epoch: int) -> d
             lr, settings.clip_grad, add_loss,
         )  # fmt: skip
         guard.record(result.finite, step + 1)
+    means = mean_across_processes(accelerator, torch.stack([losses.mean(), losses[tail].mean()]))
     return {
         "epoch": epoch + 1,
-        "train_loss": mean_across_processes(accelerator, losses / plan.steps_per_epoch).item(),
+        "train_loss": means[0].item(),
+        "train_loss_end": means[1].item(),
         "lr": lr,
         "img_per_s": plan.steps_per_epoch * plan.global_batch / (time.perf_counter() - started),
     }
+
+
+def _first_epoch_warning(job: Job, plan: _Plan, history: list[dict]) -> str | None:
+    """The chance-level warning of the first epoch (finetune.guards), if it has one."""
+    if not history:
+        return None
+    loss = history[0].get("train_loss_end", history[0]["train_loss"])
+    return chance_level_warning(loss, len(job.class_names), plan.base_lr, job.config.full)
 
 
 def _evaluate_job(job: Job, plan: _Plan, model: nn.Module):
@@ -362,7 +378,9 @@ def run_full(job: Job, random_init: bool) -> dict | None:
     result, confusion = finetune(job, random_init, report)
     if not job.accelerator.is_main_process:
         return None
-    result = {**job.describe(random_init), **result}
+    probe = cached_linear_probe(job.output_dir, job.source, random_init, result["val_samples"])
+    # the encoder's own linear probe right after the finetuned top-1, where it is compared
+    result = {**job.describe(random_init), "top1": result["top1"], **probe, **result}
     title = job.title("full finetune", random_init)
     result.update(report.confusion_from_matrix(confusion, job.class_names, title))
     report.finish(result)

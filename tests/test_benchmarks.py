@@ -21,6 +21,7 @@ from benchmarks import (
     mae_visible,
     monitor,
     probe,
+    quality_cifar10,
     speedups,
     step,
     workloads,
@@ -205,3 +206,39 @@ def test_monitor_times_the_knn_evaluation_against_the_step(capsys):
     assert result["share_of_step_time"] == pytest.approx(expected)
     steps, every = result["train_steps"], result["monitor_every"]
     assert result["evaluations_per_run"] == 1 + steps // every + (1 if steps % every else 0)
+
+
+TINY_MAE = [
+    "--pretrain-override=model.kwargs={depth: 2, embed_dim: 64, num_heads: 2}",
+    "--pretrain-override=mae.decoder_dim=32",
+    "--pretrain-override=mae.decoder_depth=1",
+    "--pretrain-override=data.batch_size=16",
+    "--pretrain-override=data.shuffle_buffer=64",
+]
+
+
+def test_quality_reports_probes_and_full_finetune_beside_random_init(capsys, shards, tmp_path):
+    """Toy size on the demo shards: pretrain, linear, kNN, full finetune (pretrained and random
+    init on one budget), and a reused run evaluated without pretraining again."""
+    common = [
+        "--objectives", "mae", "--train", shards["train"], "--test", shards["val"],
+        "--steps", "2", "--train-samples", "64", "--output-dir", str(tmp_path / "runs"),
+        "--finetune-config", "configs/finetune/demo.yaml", "--full-override=full.epochs=1",
+        "--full-override=full.steps_per_epoch=2", "--full-override=full.batch_size=16",
+        "--full-override=data.num_workers=0",
+    ]  # fmt: skip
+    result = run(capsys, quality_cifar10.main, *common, *TINY_MAE)
+    (row,) = result["rows"]
+    assert row["objective"] == "mae" and row["steps_done"] == 2
+    for key in ("linear_top1", "knn_top1", "full_top1"):
+        assert 0 <= row[key] <= 1 and 0 <= row[f"{key}_random_init"] <= 1
+    budget = row["full_budget"]
+    assert budget["epochs"] == 1 and budget["steps_per_epoch"] == 2 and budget["global_batch"] == 16
+    # the full finetune's result carried the linear probe the benchmark ran just before it
+    assert row["full_linear_probe_top1"] == row["linear_top1"]
+
+    reused = run(
+        capsys, quality_cifar10.main, *common, "--no-full", f"--reuse=mae={row['run_dir']}"
+    )["rows"][0]
+    assert reused["reused"] and reused["run_dir"] == row["run_dir"] and "full_top1" not in reused
+    assert reused["linear_top1"] == row["linear_top1"]  # the same encoder, the same probe

@@ -1,16 +1,25 @@
+import io
 import json
+import math
+import os
+import shutil
 import subprocess
 
+import numpy as np
 import pytest
 import timm
 import torch
 from helpers import PYTHON, free_port, python_env
+from PIL import Image
 from safetensors.torch import load_file
 
 from finetune.__main__ import main as finetune_main
 from finetune.config import FullConfig
+from finetune.encoder import locate_encoder
 from finetune.full import build_optimizer
+from finetune.guards import cached_linear_probe, chance_level_warning
 from pretrain.__main__ import main as pretrain_main
+from pretrain.data import write_shards
 from pretrain.optim import set_learning_rate
 
 
@@ -107,3 +116,103 @@ def test_full_finetune_on_two_processes(tiny_run, tmp_path, capsys):
     assert [entry["epoch"] for entry in summary["history"]] == [1, 2]
     # Evaluation counted each of the 64 demo val samples once across both processes.
     assert summary["val_samples"] == 64
+
+
+# ----------------------------------------------------------------------------------------------
+# Guard rails: the chance-level warning and the encoder's own linear probe beside the result
+
+
+def test_chance_level_warning_names_the_lr_and_the_knob():
+    chance = math.log(6)
+    settings = FullConfig(blr=1e-3)
+    stuck = chance_level_warning(chance * 0.995, 6, 2.5e-4, settings)
+    assert stuck.startswith("warning:") and "\n" not in stuck
+    assert "chance level ln(6) = 1.792" in stuck and "lr 0.00025" in stuck
+    assert "raise full.blr" in stuck and "full.blr 0.001 x global batch / 256" in stuck
+    assert chance_level_warning(chance * 0.9, 6, 2.5e-4, settings) is None
+    assert chance_level_warning(chance * 0.985, 6, 2.5e-4, settings) is None
+    too_large = chance_level_warning(chance * 1.01, 6, 0.3, settings)
+    assert "above the chance level" in too_large and "lr 0.3 (= full.blr" in too_large
+    assert "lower full.blr" in too_large
+    absolute = chance_level_warning(chance, 6, 1e-6, FullConfig(lr=1e-6))
+    assert "raise full.lr" in absolute and "blr" not in absolute
+
+
+@pytest.fixture
+def colour_shards(tmp_path) -> tuple[str, str]:
+    """Train/val shards whose class is the image's colour: learnable within one short epoch."""
+    colours = [(220, 40, 40), (40, 200, 60), (50, 80, 230)]
+    generator = np.random.default_rng(0)
+
+    def samples(split: str, count: int):
+        for number in range(count):
+            label = number % len(colours)
+            pixels = np.clip(colours[label] + generator.normal(0, 25, (32, 32, 3)), 0, 255)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
+            yield {"__key__": f"{split}-{number:05d}", "png": buffer.getvalue(), "cls": label}
+
+    folder = tmp_path / "colours"
+    names = ["red", "green", "blue"]
+    for split, count in (("train", 192), ("val", 48)):
+        write_shards(samples(split, count), folder, split, class_names=names, progress=False)
+    return str(folder / "train-index.json"), str(folder / "val-index.json")
+
+
+def test_full_finetune_warns_at_chance_and_carries_the_linear_probe(
+    tiny_run, colour_shards, tmp_path, capsys
+):
+    assert pretrain_main([*tiny_run, "train.steps=2", "train.run_name=guard"]) == 0
+    capsys.readouterr()
+    train, val = colour_shards
+    output = tmp_path / "eval"
+
+    def finetune(lr: float, folder) -> tuple[dict, str]:
+        arguments = [
+            "full", "--encoder", str(tmp_path / "runs" / "guard"), "--train", train, "--val", val,
+            "--workers", "0", "--no-wandb", "--output", str(folder), "--epochs", "1",
+            "--batch-size", "16", "full.steps_per_epoch=12", f"full.lr={lr}",
+            "full.warmup_epochs=0", "full.drop_path=0.0", "full.label_smoothing=0.0",
+        ]  # fmt: skip
+        assert finetune_main(arguments) == 0
+        captured = capsys.readouterr()
+        return json.loads(captured.out.strip().splitlines()[-1]), captured.err
+
+    # A tiny lr leaves the loss at ln 3: one line on stderr and in the result, naming lr and knob.
+    stuck, err = finetune(1e-9, output / "stuck")
+    (line,) = [text for text in err.splitlines() if text.startswith("warning:")]
+    assert "chance level ln(3)" in line and "lr 1e-09" in line and "raise full.lr" in line
+    assert stuck["warnings"] == [line]
+    assert stuck["history"][0]["train_loss"] > 0.97 * math.log(3)
+    # No probe result in that folder: the field says so.
+    assert stuck["linear_probe_top1"] is None
+
+    # A linear probe in the output folder first: the working run carries its top-1.
+    probe_arguments = [
+        "linear", "--encoder", str(tmp_path / "runs" / "guard"), "--train", train, "--val", val,
+        "--workers", "0", "--no-wandb", "--output", str(output), "--epochs", "5",
+    ]  # fmt: skip
+    assert finetune_main(probe_arguments) == 0
+    probe = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    working, err = finetune(3e-3, output)
+    assert "warning:" not in err and working["warnings"] == []
+    assert working["history"][0]["train_loss"] < 0.97 * math.log(3)
+    assert working["linear_probe_top1"] == probe["top1"]
+    assert working["linear_probe_result"] == str(output / "linear.json")
+
+    # A probe older than the export (pretraining rerun since) no longer counts.
+    weights = tmp_path / "runs" / "guard" / "export" / "encoder.safetensors"
+    later = (output / "linear.json").stat().st_mtime_ns + 10**9
+    os.utime(weights, ns=(later, later))
+    again, _ = finetune(3e-3, tmp_path / "other")
+    assert again["linear_probe_top1"] is None
+    shutil.copy(output / "linear.json", tmp_path / "other" / "linear.json")
+    os.utime(tmp_path / "other" / "linear.json", ns=(later - 1, later - 1))
+    source = locate_encoder(tmp_path / "runs" / "guard")
+    assert cached_linear_probe(tmp_path / "other", source, False, 48)["linear_probe_top1"] is None
+    os.utime(tmp_path / "other" / "linear.json", ns=(later + 1, later + 1))
+    fresh = cached_linear_probe(tmp_path / "other", source, False, 48)
+    assert fresh["linear_probe_top1"] == probe["top1"]
+    # ... and only for the same val set and the same (pretrained, not random-init) encoder
+    assert cached_linear_probe(tmp_path / "other", source, False, 47)["linear_probe_top1"] is None
+    assert cached_linear_probe(tmp_path / "other", source, True, 48)["linear_probe_top1"] is None

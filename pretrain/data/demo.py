@@ -4,18 +4,24 @@ Each image is one coloured shape on a textured background:
 
     shape       circle, square, triangle, cross, diamond, ring      -> the label (`cls`)
     colour      red, green, blue, yellow, magenta, cyan              (independent of the shape)
-    size        small, medium, large: 35-82 % of the image side     (11-26 px at 32 px)
+    size        small, medium, large: 55-95 % of the image side     (18-30 px at 32 px)
     position    a 3x3 grid: top left ... center ... bottom right     (jittered inside its cell)
     background  plain, striped, checkered, dotted, noisy             (random colours and phase)
 
 and a caption says all of it: "a small red triangle at the top left on a striped background".
 
-Why it looks like this: the set has to reward self-supervised pretraining. The label is only the
+Why it looks like this: the label must be something self-supervised pretraining can discover
+in a few CPU minutes, and something a random encoder cannot read off. The label is only the
 shape; colour, size, position and background are random and independent of it, so the class is
 not readable from mean colour or any single pixel, and the textures add nuisance that a randomly
-initialised encoder passes straight through. An encoder that learnt to reconstruct images (MAE)
-has to model edges and outlines, which is what the shape label needs. What the demo's
-pretraining buys on it is measured in benchmarks/README.md.
+initialised encoder passes straight through. The shape is large because of how MAE learns: with
+8-px patches on 32 px and 75% masking, the encoder sees 4 of 16 patches and has to paint the
+other 12. A shape spanning most of the image shows part of its outline in almost every visible
+patch, and which masked patches are shape and which are background follows from the shape
+(a ring's hole, a triangle's empty top corners, a cross's arms): the reconstruction loss pays
+for knowing the shape from the first minutes. Smaller shapes (DEMO_VERSION 2 drew them at 35-82 %
+of the side) often lie entirely in masked patches, leaving nothing to infer, and 500 MAE steps
+learnt little about them; the measurements are in benchmarks/README.md.
 
 Images are lossless PNG. Generation is a pure function of (count, image size, seed).
 """
@@ -35,7 +41,7 @@ from pretrain.data.write import index_name, write_shards
 from pretrain.errors import DataError
 
 # Bump when the drawing changes, so cached demo data from an older version is not reused.
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 SHARD_SIZE = 500  # samples per shard: several shards even for small sets, for ranks x workers
 
 SHAPES = ("circle", "square", "triangle", "cross", "diamond", "ring")
@@ -47,7 +53,7 @@ COLOURS = {
     "magenta": (215, 55, 205),
     "cyan": (40, 205, 215),
 }
-SIZES = {"small": (0.35, 0.47), "medium": (0.50, 0.64), "large": (0.67, 0.82)}  # of image side
+SIZES = {"small": (0.55, 0.66), "medium": (0.68, 0.80), "large": (0.82, 0.95)}  # of image side
 ROWS = ("top", "", "bottom")
 COLUMNS = ("left", "", "right")
 BACKGROUNDS = ("plain", "striped", "checkered", "dotted", "noisy")
@@ -230,7 +236,7 @@ def ensure_demo_data(
 ) -> dict[str, str]:
     """Write the demo set once into a folder under `cache_dir` and reuse it afterwards.
 
-    The folder name carries the parameters (`demo-v1-32px-train10000-val2000-seed0`) and holds
+    The folder name carries the parameters (`demo-v3-32px-train20000-val2000-seed0`) and holds
     them in `demo-parameters.json`, written last. It is built in a temporary folder and renamed
     into place, so concurrent callers (several ranks) never see a half-written set; a loser of
     the race discards its copy. Returns shard specs: {"train": <index path>, "val": <index
