@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_RUN := demo-mae-$(shell date +%Y%m%d-%H%M%S)
+# The demo's pretraining seed: `make demo SEED=1`.
+SEED ?= 0
 
 .PHONY: install demo test lint clean
 
@@ -19,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 # MAE pretraining on the embedded demo data (no labels), then a linear probe of the encoder's
 # class token (MAE's probe) beside the same probe of a random-init encoder.
 demo: install
-	$(BIN)/pretrain --config configs/pretrain/demo_mae.yaml train.run_name=$(DEMO_RUN)
+	$(BIN)/pretrain --config configs/pretrain/demo_mae.yaml train.run_name=$(DEMO_RUN) train.seed=$(SEED)
 	$(BIN)/finetune linear --encoder runs/$(DEMO_RUN) --config configs/finetune/demo.yaml --pool cls --compare-random-init
 
 test: install
