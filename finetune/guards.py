@@ -23,9 +23,11 @@ from finetune.encoder import EncoderSource
 
 # Measured in the finetuning sweeps (benchmarks/README.md): every run that went on to learn ended
 # epoch 1 at 0.94-0.986 ln C on the demo set (learning starts late there) and lower on CIFAR-10;
-# runs that stayed at chance for all their epochs ended it at 0.996 ln C and above.
+# runs that stayed at chance for all their epochs ended it at 0.996-1.000 ln C, and the demo
+# encoder at 4x and 12x its best lr at 1.014 and 1.006 ln C. The tail mean of a stuck run wobbles
+# by about 0.4% around ln C, hence "above" only from 0.3% up.
 CHANCE_TOLERANCE = 0.01
-ABOVE_TOLERANCE = 0.001
+ABOVE_TOLERANCE = 0.003
 
 
 def chance_level_warning(

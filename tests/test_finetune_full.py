@@ -131,6 +131,8 @@ def test_chance_level_warning_names_the_lr_and_the_knob():
     assert "raise full.blr" in stuck and "full.blr 0.001 x global batch / 256" in stuck
     assert chance_level_warning(chance * 0.9, 6, 2.5e-4, settings) is None
     assert chance_level_warning(chance * 0.985, 6, 2.5e-4, settings) is None
+    # a stuck run's tail wobbles around ln C: just above it still reads as "raise"
+    assert "raise full.blr" in chance_level_warning(chance * 1.002, 6, 2.5e-4, settings)
     too_large = chance_level_warning(chance * 1.01, 6, 0.3, settings)
     assert "above the chance level" in too_large and "lr 0.3 (= full.blr" in too_large
     assert "lower full.blr" in too_large
