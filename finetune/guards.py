@@ -54,14 +54,15 @@ def chance_level_warning(
 def cached_linear_probe(
     output_dir: Path, source: EncoderSource, random_init: bool, val_samples: int
 ) -> dict:
-    """{"linear_probe_top1": top-1 or None, "linear_probe_result": path or None}.
+    """{"linear_probe_top1": top-1, "linear_probe_pool": "avg" or "cls" (the probe's features,
+    which may differ from this finetune's), "linear_probe_result": path}; None each when absent.
 
     The probe counts when `OUTPUT/linear.json` (`linear_random_init.json` for a random-init
     run) measured this encoder: the same export, the same pretraining steps, the same number
     of val samples, and written after the export was (a rerun of pretraining makes it stale).
     """
     path = Path(output_dir) / ("linear_random_init.json" if random_init else "linear.json")
-    missing = {"linear_probe_top1": None, "linear_probe_result": None}
+    missing = {"linear_probe_top1": None, "linear_probe_pool": None, "linear_probe_result": None}
     try:
         probe = json.loads(path.read_text())
         weights = source.card_path.with_name("encoder.safetensors")
@@ -77,4 +78,8 @@ def cached_linear_probe(
     )
     if not (same and fresh and isinstance(probe.get("top1"), (int, float))):
         return missing
-    return {"linear_probe_top1": probe["top1"], "linear_probe_result": str(path)}
+    return {
+        "linear_probe_top1": probe["top1"],
+        "linear_probe_pool": probe.get("pool"),
+        "linear_probe_result": str(path),
+    }

@@ -201,6 +201,7 @@ def test_full_finetune_warns_at_chance_and_carries_the_linear_probe(
     assert working["history"][0]["train_loss"] < 0.97 * math.log(3)
     assert working["linear_probe_top1"] == probe["top1"]
     assert working["linear_probe_result"] == str(output / "linear.json")
+    assert working["linear_probe_pool"] == probe["pool"]
 
     # A probe older than the export (pretraining rerun since) no longer counts.
     weights = tmp_path / "runs" / "guard" / "export" / "encoder.safetensors"
