@@ -84,6 +84,7 @@ def evaluate(run_dir: Path, args, log: Path) -> dict:
         "full_top1_random_init": full["random_init_top1"],
         "full_linear_probe_top1": full.get("linear_probe_top1"),
         "full_warnings": full.get("warnings", []),
+        "full_warnings_random_init": full["random_init_warnings"],
         "full_budget": {
             "config": args.finetune_config,
             "overrides": args.full_overrides,

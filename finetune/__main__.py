@@ -49,6 +49,7 @@ BASELINE_KEYS = (
     "text_to_image_r1",
     "perplexity",
     "linear_probe_top1",
+    "warnings",  # full: the random-init run's chance-level warning
 )
 RUN_DIR_MODES = ("zeroshot", "mlm")  # they load the whole model from the run's last checkpoint
 

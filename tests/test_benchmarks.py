@@ -236,6 +236,8 @@ def test_quality_reports_probes_and_full_finetune_beside_random_init(capsys, sha
     assert budget["epochs"] == 1 and budget["steps_per_epoch"] == 2 and budget["global_batch"] == 16
     # the full finetune's result carried the linear probe the benchmark ran just before it
     assert row["full_linear_probe_top1"] == row["linear_top1"]
+    assert isinstance(row["full_warnings"], list)
+    assert isinstance(row["full_warnings_random_init"], list)  # the baseline's warnings beside
 
     reused = run(
         capsys, quality_cifar10.main, *common, "--no-full", f"--reuse=mae={row['run_dir']}"
