@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -35,7 +36,7 @@ from pretrain.checkpoint import export_encoder, latest_checkpoint, load_checkpoi
 from pretrain.data import count_samples, eval_loader, train_loader
 from pretrain.data.transforms import ImageTransform, eval_transform
 from pretrain.distributed import mean_across_processes, sum_across_processes
-from pretrain.errors import ConfigError, DataError
+from pretrain.errors import ConfigError, DataError, ModelError
 from pretrain.faults import NonFiniteGuard
 from pretrain.hub import write_hub_layout
 from pretrain.optim import learning_rate, optimizer_phases, scaled_lr
@@ -200,10 +201,7 @@ def finetune(job: Job, random_init: bool, report: Report) -> tuple[dict, torch.T
             f"{work_dir} already holds a finetuning checkpoint; pass --resume to continue it "
             "or choose another --output"
         )
-    model, kwargs = build_classifier(
-        job.source, num_classes, job.config.data.pool, random_init, seed=settings.seed,
-        image_size=plan.image_size, drop_path_rate=settings.drop_path,
-    )  # fmt: skip
+    model, kwargs = _classifier(job, plan, num_classes, random_init)
     optimizer = build_optimizer(model, settings, plan.base_lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     start_epoch, history = 0, []
@@ -258,6 +256,24 @@ def finetune(job: Job, random_init: bool, report: Report) -> tuple[dict, torch.T
     result["wall_s"] = round(time.perf_counter() - started, 1)
     accelerator.wait_for_everyone()
     return result, confusion
+
+
+def _classifier(job: Job, plan: _Plan, num_classes: int, random_init: bool):
+    """build_classifier with full.drop_path, which only models with stochastic depth take
+    (timm's ViTs and ResNets do, the project's dcgan_encoder does not): passed only when set."""
+    settings = job.config.full
+    build = partial(
+        build_classifier, job.source, num_classes, job.config.data.pool, random_init,
+        seed=settings.seed, image_size=plan.image_size,
+    )  # fmt: skip
+    if not settings.drop_path:
+        return build()
+    try:
+        return build(drop_path_rate=settings.drop_path)
+    except ModelError:
+        build()  # without drop path it builds: drop path is what the model refused
+        name = job.source.card["timm_name"]
+        raise ConfigError(f"{name} has no drop path; set full.drop_path=0") from None
 
 
 def _train_epoch(job, plan, model, optimizer, criterion, guard, epoch: int) -> dict:

@@ -92,6 +92,33 @@ def test_full_finetune_cli_trains_evaluates_checkpoints_and_exports(tiny_run, tm
     assert resumed["top1"] == result["top1"] and resumed["history"] == result["history"]
 
 
+def test_full_finetune_of_a_conv_encoder_and_its_drop_path_error(demo_dir, tmp_path, capsys):
+    """SimCLR's demo encoder (dcgan_encoder, no stochastic depth) finetunes end to end with the
+    shipped demo recipe; asking it for drop path is one line naming the setting."""
+    pretrain = [
+        "--config", "configs/pretrain/demo_simclr.yaml", f"data.demo_dir={demo_dir}",
+        "data.demo_train_samples=256", "data.demo_val_samples=64", "data.batch_size=16",
+        "data.num_workers=0", "data.shuffle_buffer=64", "model.kwargs={width: 8, depth: 2}",
+        "train.steps=2", "logging.wandb=false", f"train.output_dir={tmp_path / 'runs'}",
+        "train.run_name=conv",
+    ]  # fmt: skip
+    assert pretrain_main(pretrain) == 0
+    common = [
+        "full", "--encoder", str(tmp_path / "runs" / "conv"), "--config",
+        "configs/finetune/demo.yaml", "--workers", "0", "--no-wandb", "--epochs", "1",
+        "--batch-size", "16", "--compare-random-init",
+    ]  # fmt: skip
+    capsys.readouterr()
+    assert finetune_main([*common, "--output", str(tmp_path / "a"), "full.steps_per_epoch=2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["objective"] == "simclr" and 0 <= result["top1"] <= 1
+    assert 0 <= result["random_init_top1"] <= 1
+    assert finetune_main([*common, "--output", str(tmp_path / "b"), "full.drop_path=0.1"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1] == "error: dcgan_encoder has no drop path; set full.drop_path=0"
+    assert not (tmp_path / "b" / "full" / "checkpoints").exists()  # nothing half-written
+
+
 @pytest.mark.distributed
 def test_full_finetune_on_two_processes(tiny_run, tmp_path, capsys):
     assert pretrain_main([*tiny_run, "train.steps=1", "train.run_name=ddp"]) == 0
