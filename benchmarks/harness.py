@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +22,16 @@ def parser(description: str) -> argparse.ArgumentParser:
     arguments = argparse.ArgumentParser(description=description)
     arguments.add_argument("--out", type=Path, help="also write the JSON here")
     return arguments
+
+
+def run_cli(command: list[str], log: Path) -> dict:
+    """Run one of the project's CLIs from the repository root, its progress bars appended to
+    `log`; returns the JSON of its last stdout line (the CLIs' result)."""
+    with open(log, "a") as errors:
+        result = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=errors, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}); see {log}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def fail(message: str) -> NoReturn:

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 from datetime import date
 from pathlib import Path
@@ -30,18 +29,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.harness import ROOT, run_cli
+
 MLM_CONFIG = "configs/pretrain/demo_mlm.yaml"
 CLIP_CONFIG = "configs/pretrain/demo_clip.yaml"
-
-
-def run(command: list[str], log: Path) -> dict:
-    """Run a CLI, its progress bars into `log`; returns the JSON of its last stdout line."""
-    with open(log, "a") as errors:
-        result = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=errors, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}); see {log}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def pretrain(config: str, run_dir: Path, steps: int | None, extra: list[str], log: Path) -> dict:
@@ -56,7 +47,7 @@ def pretrain(config: str, run_dir: Path, steps: int | None, extra: list[str], lo
         f"train.output_dir={run_dir.parent}", f"train.run_name={run_dir.name}", *extra,
         *([f"train.steps={steps}"] if steps else []),
     ]  # fmt: skip
-    return {**run(command, log), "reused": False}
+    return {**run_cli(command, log), "reused": False}
 
 
 def summary_fields(summary: dict) -> dict:
@@ -142,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
     mlm_dir = output_dir / "demo-mlm"
     mlm_summary = pretrain(MLM_CONFIG, mlm_dir, args.mlm_steps, [], log)
-    heldout = run([*finetune, "mlm", "--encoder", str(mlm_dir), "--compare-random-init",
+    heldout = run_cli([*finetune, "mlm", "--encoder", str(mlm_dir), "--compare-random-init",
                    "--no-wandb"], log)  # fmt: skip
     mlm = {
         **summary_fields(mlm_summary),
@@ -174,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 *([f"clip.text_init={mlm_dir}"] if text == "mlm" else []),
             ]
             summary = pretrain(CLIP_CONFIG, run_dir, args.clip_steps, extra, log)
-            scores = run([*finetune, "zeroshot", "--encoder", str(run_dir), "--config",
+            scores = run_cli([*finetune, "zeroshot", "--encoder", str(run_dir), "--config",
                           "configs/finetune/demo.yaml", "--no-wandb"], log)  # fmt: skip
             keys = ("top1", "top5", "image_to_text_r1", "text_to_image_r1")
             clip_rows.append({"seed": seed, "text_tower": text, **summary_fields(summary),

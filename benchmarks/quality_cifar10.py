@@ -20,13 +20,13 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.harness import ROOT, run_cli
+
 PLAIN = ("data_cache/cifar10/train-index.json", "data_cache/cifar10/test-index.json")
 CAPTIONED = (
     "data_cache/cifar10_captions/train-index.json",
@@ -44,15 +44,6 @@ OBJECTIVES = {
 }
 
 
-def run(command: list[str], log: Path) -> dict:
-    """Run a CLI, its progress bars into `log`; returns the JSON of its last stdout line."""
-    with open(log, "a") as errors:
-        result = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=errors, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}); see {log}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def evaluate(run_dir: Path, args, log: Path) -> dict:
     """Linear probe, kNN and (unless --no-full) full finetuning of the run's encoder, each with
     its random-init baseline. The linear probe writes RUN_DIR/eval/linear.json first, so the
@@ -62,8 +53,8 @@ def evaluate(run_dir: Path, args, log: Path) -> dict:
     if args.train:  # other shards than CIFAR-10 (tests): also over the finetune config's
         common += ["--train", args.train, "--val", args.test]
     sampled = [*common, "--train-samples", str(args.train_samples)]
-    linear = run([*finetune, "linear", *sampled, "--epochs", "100"], log)
-    knn = run([*finetune, "knn", *sampled], log)
+    linear = run_cli([*finetune, "linear", *sampled, "--epochs", "100"], log)
+    knn = run_cli([*finetune, "knn", *sampled], log)
     scores = {
         "linear_top1": linear["top1"],
         "linear_top1_random_init": linear["random_init_top1"],
@@ -75,7 +66,7 @@ def evaluate(run_dir: Path, args, log: Path) -> dict:
     if args.no_full:
         return scores
     started = time.perf_counter()
-    full = run(
+    full = run_cli(
         [*finetune, "full", *common, "--config", args.finetune_config, *args.full_overrides], log
     )
     return {
@@ -109,7 +100,7 @@ def pretrain(name: str, args, log: Path) -> tuple[Path, dict]:
                          "final_loss": summary.get("final_loss"), "reused": True}  # fmt: skip
     run_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     started = time.perf_counter()
-    summary = run(
+    summary = run_cli(
         [
             sys.executable, "-m", "pretrain", "--config", config,
             f"data.train_shards={args.train or train}", f"data.val_shards={args.test or test}",

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 
 import pytest
 import torch
 
 from benchmarks import (
     checkpointing,
+    finetune_sweep,
     fsdp_memory,
     gpu_h200,
     loader,
@@ -27,6 +29,7 @@ from benchmarks import (
     workloads,
 )
 from benchmarks.measure import count_flops
+from pretrain.__main__ import main as pretrain_main
 from pretrain.data import ensure_demo_data
 
 
@@ -244,3 +247,27 @@ def test_quality_reports_probes_and_full_finetune_beside_random_init(capsys, sha
     )["rows"][0]
     assert reused["reused"] and reused["run_dir"] == row["run_dir"] and "full_top1" not in reused
     assert reused["linear_top1"] == row["linear_top1"]  # the same encoder, the same probe
+
+
+def test_finetune_sweep_runs_each_point_on_one_budget(capsys, tiny_run, tmp_path):
+    """Two points on a 2-step MAE export, one of them random init: one row each, the same
+    budget, the first epoch's loss against ln(classes), no errors."""
+    assert pretrain_main([*tiny_run, "train.steps=2", "train.run_name=sweep"]) == 0
+    capsys.readouterr()
+    budget = "--workers 0 --epochs 1 --batch-size 16"
+    points = ["full.steps_per_epoch=2 full.blr=1e-3", "random:full.steps_per_epoch=2"]
+    result = run(
+        capsys, finetune_sweep.main, "--encoder", str(tmp_path / "runs" / "sweep"),
+        "--config", "configs/finetune/demo.yaml", "--extra", budget,
+        "--work-dir", str(tmp_path / "sweep"), *[f"--point={point}" for point in points],
+    )  # fmt: skip
+    first, second = result["rows"]
+    assert [first["point"], second["point"]] == points
+    assert (first["random_init"], second["random_init"]) == (False, True)
+    for row in (first, second):
+        assert "error" not in row and 0 <= row["top1"] <= 1
+        assert (row["epochs"], row["steps_per_epoch"], row["global_batch"]) == (1, 2, 16)
+        assert row["epoch1_loss_over_chance"] == pytest.approx(
+            row["epoch1_train_loss"] / math.log(6), abs=1e-3
+        )
+    assert first["lr"] == pytest.approx(1e-3 * 16 / 256)
