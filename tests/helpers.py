@@ -77,3 +77,15 @@ def wait_for(condition, what: str, timeout: float = 300):
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def kill_after_checkpoint(process: subprocess.Popen, run_dir: Path, step: int) -> int:
+    """SIGKILL a training launch (launcher, ranks, loader workers) once its checkpoint of `step`
+    exists; returns the step of the latest checkpoint it left behind."""
+    from pretrain.checkpoint import latest_checkpoint, list_checkpoints
+
+    name = f"step_{step:07d}"
+    wait_for(lambda: any(p.name == name for p in list_checkpoints(run_dir)), f"step {step}")
+    kill_tree(process.pid)
+    process.wait(timeout=60)
+    return int(latest_checkpoint(run_dir).name[len("step_") :])

@@ -19,7 +19,16 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
-from helpers import PYTHON, ROOT, WORKERS, free_port, kill_tree, python_env, wait_for
+from helpers import (
+    PYTHON,
+    ROOT,
+    WORKERS,
+    free_port,
+    kill_after_checkpoint,
+    kill_tree,
+    python_env,
+    wait_for,
+)
 from PIL import Image
 
 from pretrain.__main__ import EXIT_DIVERGED, EXIT_PREEMPTED
@@ -121,10 +130,7 @@ def test_sigkill_mid_run_then_the_same_command_resumes_exactly(run_args, uninter
     run_dir = run_dir_of(run_args, "killed")
     log = tmp_path / "log"
     process = local_cpu(args, log)
-    wait_for(lambda: any(p.name == "step_0000003" for p in list_checkpoints(run_dir)), "step 3")
-    kill_tree(process.pid)  # launcher, both ranks and their loader workers, all at once
-    process.wait(timeout=60)
-    killed_at = int(latest_checkpoint(run_dir).name[len("step_") :])
+    killed_at = kill_after_checkpoint(process, run_dir, 3)
     assert 3 <= killed_at < STEPS, "the run finished before it could be killed"
 
     output = finish(local_cpu(args, log), log)  # the same command again

@@ -14,10 +14,18 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from helpers import PYTHON, ROOT, WORKERS, free_port, kill_tree, python_env, wait_for
+from helpers import (
+    PYTHON,
+    ROOT,
+    WORKERS,
+    free_port,
+    kill_after_checkpoint,
+    kill_tree,
+    python_env,
+)
 from safetensors.torch import load_file
 
-from pretrain.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from pretrain.checkpoint import latest_checkpoint, load_checkpoint
 
 EXACT = 1e-10  # relative to the largest magnitude compared
 TIMEOUT = 300
@@ -160,10 +168,7 @@ def test_sigkill_mid_run_then_the_same_command_ends_identically(
     run_dir = run_dir_of(recipe_args, "killed")
     log = tmp_path / "log"
     process = launch_recipe(args, log)
-    wait_for(lambda: any(p.name == "step_0000003" for p in list_checkpoints(run_dir)), "step 3")
-    kill_tree(process.pid)  # launcher, both ranks and their loader workers, all at once
-    process.wait(timeout=60)
-    killed_at = int(latest_checkpoint(run_dir).name[len("step_") :])
+    killed_at = kill_after_checkpoint(process, run_dir, 3)
     assert 3 <= killed_at < STEPS, "the run finished before it could be killed"
 
     output = finish(launch_recipe(args, log), log)  # the same command again
